@@ -1,0 +1,96 @@
+"""Trainer callbacks: metrics to JSONL, the guide's overfitting alarm, and checkpoint completeness."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("kit")
+COMPLETE = "kit-complete"  # written last into a checkpoint: without it the checkpoint is incomplete
+
+
+class MetricsFile(TrainerCallback):
+    """Appends every log (train and eval) as one JSON line with its step."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class OverfitAlarm(TrainerCallback):
+    """Warns when eval loss rose `patience` evaluations in a row while train loss fell (the guide's sign
+    of overfitting), naming the step with the best eval loss. Warns once per rising stretch."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.history: list[tuple[int, float, float | None]] = []  # (step, eval_loss, last train loss)
+        self.last_train: float | None = None
+        self.alarms: list[dict] = []
+        self._alarmed = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.last_train = logs["loss"]
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            alarm = self.observe(state.global_step, metrics["eval_loss"], self.last_train)
+            if alarm:
+                log.warning(alarm["message"])
+
+    def observe(self, step: int, eval_loss: float, train_loss: float | None) -> dict | None:
+        self.history.append((step, eval_loss, train_loss))
+        window = self.history[-(self.patience + 1):]
+        rising = len(window) == self.patience + 1 and all(b[1] > a[1] for a, b in zip(window, window[1:]))
+        if not rising:
+            self._alarmed = False
+            return None
+        first, last = window[0], window[-1]
+        falling = first[2] is not None and last[2] is not None and last[2] < first[2]
+        if not falling or self._alarmed:
+            return None
+        self._alarmed = True
+        best_step, best_loss, _ = min(self.history, key=lambda h: h[1])
+        alarm = {"step": step, "best_step": best_step, "best_eval_loss": best_loss, "message": (
+            f"overfitting: eval loss rose for {self.patience} evaluations ({first[1]:.4f} -> {last[1]:.4f}) while "
+            f"train loss fell ({first[2]:.4f} -> {last[2]:.4f}). Best eval loss {best_loss:.4f} was at step "
+            f"{best_step} (checkpoint-{best_step} if one was saved there). Consider fewer epochs, a lower "
+            "learning rate, more data, or train.early_stopping_patience.")}
+        self.alarms.append(alarm)
+        return alarm
+
+
+class MarkComplete(TrainerCallback):
+    """Marks a checkpoint complete once the Trainer has written all of it (model, optimizer, RNG, state)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir() and state.is_world_process_zero:
+            with open(ckpt / COMPLETE, "w") as f:
+                f.write(f"{state.global_step}\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; incomplete ones (a crash mid-save) are renamed aside."""
+    found = []
+    for d in Path(folder).glob("checkpoint-*"):
+        if not d.name.split("-")[-1].isdigit():
+            continue
+        if (d / COMPLETE).exists():
+            found.append(d)
+        else:
+            aside = d.parent / f".incomplete-{d.name}"
+            log.warning(f"{d} was not completely written (interrupted save); moved to {aside.name}.")
+            os.replace(d, aside)
+    return sorted(found, key=lambda d: int(d.name.split("-")[-1]))

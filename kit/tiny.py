@@ -1,0 +1,55 @@
+"""Random-weight models of the Llama 3.1 architecture, built from a config: no download needed.
+
+'tiny' runs anywhere in minutes (head_dim 128, which vLLM requires); '8b' is Llama 3.1 8B's exact
+shape, for benchmarks on a GPU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                 num_attention_heads=2, num_key_value_heads=1),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8),
+}
+
+
+# A random lm_head with the usual std 0.02 caps logits near 5 over 128k tokens, so no answer can become
+# likely; a wider head lets the tiny model learn (memorise) answers in minutes.
+HEAD_STD = {"tiny": 0.15}
+
+
+def llama31_config(shape: str):
+    from transformers import LlamaConfig
+    return LlamaConfig(
+        vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        bos_token_id=128000, eos_token_id=[128001, 128008, 128009], tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        rms_norm_eps=1e-5, torch_dtype="bfloat16", **SHAPES[shape])
+
+
+def build_random_model(shape: str, seed: int, out: Path) -> Path:
+    """Write a random-weight Llama 3.1 model (bf16 safetensors + tokenizer + generation config) to
+    `out` atomically; an existing complete copy is reused, so the same seed gives the same model."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+    from kit.chat import STOP_TOKEN_IDS, load_tokenizer
+    from kit.io import atomic_dir
+
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(llama31_config(shape))
+        if shape in HEAD_STD:
+            torch.nn.init.normal_(model.lm_head.weight, std=HEAD_STD[shape])
+        model = model.to(torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=128000, eos_token_id=STOP_TOKEN_IDS,
+                                               do_sample=False)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, max_shard_size="5GB")
+        load_tokenizer("bundled").save_pretrained(tmp)
+    return out

@@ -1,0 +1,18 @@
+from kit.callbacks import OverfitAlarm
+
+
+def test_alarm_when_eval_rises_while_train_falls_names_best_step():
+    a = OverfitAlarm(patience=2)
+    seq = [(10, 2.0, 2.5), (20, 1.5, 2.0), (30, 1.6, 1.5), (40, 1.8, 1.0)]
+    alarms = [a.observe(*s) for s in seq]
+    assert alarms[:3] == [None, None, None]
+    assert alarms[3]["best_step"] == 20 and alarms[3]["best_eval_loss"] == 1.5
+    assert "step 20" in alarms[3]["message"] and "checkpoint-20" in alarms[3]["message"]
+    assert a.observe(50, 1.9, 0.8) is None  # same rising stretch: warned once
+
+
+def test_no_alarm_when_train_loss_also_rises_or_eval_recovers():
+    a = OverfitAlarm(patience=2)
+    assert [a.observe(*s) for s in [(1, 1.0, 1.0), (2, 1.1, 1.1), (3, 1.2, 1.2)]] == [None] * 3
+    b = OverfitAlarm(patience=2)
+    assert [b.observe(*s) for s in [(1, 1.0, 2.0), (2, 1.1, 1.5), (3, 1.05, 1.0)]] == [None] * 3

@@ -1,0 +1,157 @@
+"""End-to-end training through the real recipe on CPU: Unsloth's CPU fallback and the HF backend."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_recipe
+
+pytestmark = pytest.mark.slow
+DEMO = str(ROOT / "recipes" / "demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README's demo, exactly as configured, into a temporary runs/ folder."""
+    cwd = tmp_path_factory.mktemp("demo")
+    res = run_recipe(["--config", DEMO, f"run.output_dir={cwd / 'runs'}"], cwd=cwd)
+    return cwd / "runs" / "demo", res
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_rows(run_dir):
+    from kit.config import load_config
+    from kit.data import load_rows, split_eval
+    cfg = load_config(run_dir / "config.yaml")
+    rows, _ = split_eval(load_rows(cfg.data.path), cfg.data.eval_ratio, cfg.train.seed, cfg.data.path)
+    return rows
+
+
+def test_demo_run_directory_is_complete(demo_run):
+    run_dir, res = demo_run
+    for name in ["config.yaml", "manifest.json", "metrics.jsonl", "loss.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "adapter/tokenizer_config.json"]:
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["backend"] == "unsloth" and manifest["device"].startswith("cpu")
+    assert len(manifest["dataset"]["fingerprint"]) == 16 and manifest["seed"] == 42
+    assert {"torch", "transformers", "trl", "peft", "unsloth"} <= set(manifest["packages"])
+    assert "git_commit" in manifest
+    # checkpoints are the plan's, and complete
+    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    planned = manifest["plan"]["checkpoints"][-2:]  # save_total_limit: 2
+    assert [c.name for c in ckpts] == planned and all((c / "kit-complete").exists() for c in ckpts)
+    tok_cfg = json.loads((run_dir / "adapter/tokenizer_config.json").read_text())
+    assert "<|start_header_id|>" in (tok_cfg.get("chat_template") or (run_dir / "adapter/chat_template.jinja").read_text())
+    assert "kit: training finished" in res.stdout and "best eval loss" in res.stdout
+
+
+def test_demo_loss_falls(demo_run):
+    metrics = _metrics(demo_run[0])
+    train = [m["loss"] for m in metrics if "loss" in m]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    assert train[-1] < 0.25 * train[0], train
+    assert evals[-1] < evals[0], evals
+
+
+def test_lora_weights_changed_and_base_frozen(demo_run, tmp_path):
+    from safetensors.torch import load_file
+    run_dir = demo_run[0]
+    weights = load_file(run_dir / "adapter/adapter_model.safetensors")
+    assert weights and all("lora_" in k for k in weights), "the adapter holds only LoRA matrices"
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert len(lora_b) == 6 * 7 and all(v.abs().max() > 0 for v in lora_b), "LoRA B starts at zero: it trained"
+    # the base on disk is bit-identical to a fresh build from the same seed: training did not touch it
+    from kit.tiny import build_random_model
+    fresh = build_random_model("tiny", 0, tmp_path / "fresh")
+    a, b = load_file(run_dir / "base-model/model.safetensors"), load_file(fresh / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_demo_answers_training_questions_with_trained_answers(demo_run):
+    from kit.data import to_messages
+    from kit.infer import generate, load_adapter_model
+    run_dir = demo_run[0]
+    model, tok = load_adapter_model(run_dir)
+    rows = _train_rows(run_dir)
+    hits = []
+    for row in rows.select(range(5)):
+        msgs = to_messages(row, "alpaca", {}, None, "sample")
+        hits.append(generate(model, tok, msgs[:1], max_new_tokens=48) == row["output"])
+    assert hits[0], "the first training question must get its trained answer, greedily"
+    assert sum(hits) >= 4, hits
+
+
+def test_existing_run_directory_is_refused_and_left_intact(demo_run):
+    run_dir, _ = demo_run
+    before = (run_dir / "adapter/adapter_model.safetensors").read_bytes()
+    res = run_recipe(["--config", DEMO, f"run.output_dir={run_dir.parent}"], cwd=run_dir.parent, check=False)
+    assert res.returncode == 2 and "already exists" in res.stderr and "resume_from_checkpoint=auto" in res.stderr
+    assert (run_dir / "adapter/adapter_model.safetensors").read_bytes() == before
+
+
+SHORT = ["model.max_seq_length=128", "data.max_examples=48", "train.per_device_train_batch_size=4",
+         "train.max_steps=12", "train.logging_steps=1", "train.save_strategy=steps", "train.save_steps=4",
+         "train.eval_strategy=no", "train.save_total_limit=null", "train.lr_scheduler_type=linear"]
+
+
+def test_hf_backend_trains_same_model_from_same_start(tmp_path):
+    runs = tmp_path / "runs"
+    run_recipe(["--config", DEMO, f"run.output_dir={runs}", "run.name=hf", "model.backend=hf", *SHORT], cwd=tmp_path)
+    run_recipe(["--config", DEMO, f"run.output_dir={runs}", "run.name=us", "model.backend=unsloth",
+                "train.max_steps=1", *[s for s in SHORT if "max_steps" not in s]], cwd=tmp_path)
+    hf, us = _metrics(runs / "hf"), _metrics(runs / "us")
+    hf_loss = [m["loss"] for m in hf if "loss" in m]
+    us_loss = [m["loss"] for m in us if "loss" in m]
+    assert hf_loss[-1] < hf_loss[0]
+    assert abs(hf_loss[0] - us_loss[0]) < 0.05 * hf_loss[0], (hf_loss[0], us_loss[0])
+    assert json.loads((runs / "hf/manifest.json").read_text())["backend"] == "hf"
+    assert (runs / "hf/adapter/adapter_model.safetensors").is_file()
+
+
+def test_resume_after_sigkill_continues_to_same_step_and_loss(tmp_path):
+    runs = tmp_path / "runs"
+    common = ["--config", DEMO, f"run.output_dir={runs}", *SHORT]
+    run_recipe([*common, "run.name=ref"], cwd=tmp_path)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "kit.recipes.llama31_sft", *common, "run.name=killed"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = runs / "killed/checkpoints/checkpoint-8/kit-complete"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run should have reached checkpoint-8 before being killed"
+    assert not (runs / "killed/adapter").exists()
+    res = run_recipe([*common, "run.name=killed", "train.resume_from_checkpoint=auto"], cwd=tmp_path)
+    assert "resuming from" in res.stderr
+    ref = {m["step"]: m["loss"] for m in _metrics(runs / "ref") if "loss" in m}
+    got = {m["step"]: m["loss"] for m in _metrics(runs / "killed") if "loss" in m}
+    assert sorted(got) == sorted(ref) and max(got) == 12  # each step logged once, to the planned end
+    for step in range(9, 13):
+        assert abs(got[step] - ref[step]) < 1e-3 * max(1.0, ref[step]), (step, got[step], ref[step])
+    state = json.loads((runs / "killed/checkpoints/checkpoint-12/trainer_state.json").read_text())
+    assert state["global_step"] == 12
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    res = run_recipe(["--config", DEMO, f"run.output_dir={tmp_path}", "train.resume_from_checkpoint=auto"],
+                     cwd=tmp_path, check=False)
+    assert res.returncode == 2 and "no complete checkpoint" in res.stderr
+
+
+def test_paged_optimizer_on_cpu_is_refused_before_loading(tmp_path):
+    res = run_recipe(["--config", DEMO, f"run.output_dir={tmp_path}", "train.optim=paged_adamw_8bit"],
+                     cwd=tmp_path, check=False)
+    assert res.returncode == 2 and "needs bitsandbytes on a CUDA GPU" in res.stderr
+    assert not any(tmp_path.iterdir()), "nothing is written before validation passes"
