@@ -5,6 +5,7 @@ PY      ?= python3
 VENV    ?= .venv
 SERVE   ?= .venv-serve
 PIP_NO_DEPS = -m pip install -q --no-deps --disable-pip-version-check
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
 .PHONY: setup demo test clean
 setup: $(VENV)/.kit-ready $(SERVE)/.kit-ready
@@ -22,7 +23,7 @@ $(SERVE)/.kit-ready: requirements/cpu-serve.txt
 
 demo: setup
 	$(VENV)/bin/python -m kit.recipes.llama31_sft --config recipes/demo.yaml run.overwrite=true
-	$(VENV)/bin/python -m kit.cli ask runs/demo --prompt "대한민국의 수도는 어디인가요?"
+	$(VENV)/bin/python -m kit.cli ask runs/demo --prompt "독일의 수도는 어디인가요?"
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -rs tests

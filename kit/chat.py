@@ -10,7 +10,8 @@ Format (Meta's Llama 3.1 prompt format; tools are not supported by the kit):
 from __future__ import annotations
 
 BOS, EOT, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
-STOP_TOKEN_IDS = [128001, 128008, 128009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+STOP_TOKEN_IDS = [128001, 128008, 128009]
+VOCAB_SIZE = 128256  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
 SYSTEM_PREAMBLE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 ROLES = ("system", "user", "assistant")
 
@@ -63,11 +64,21 @@ def bundled_tokenizer_file() -> str:
     return str(path)
 
 
+def _llama31_vocab(path: str):
+    """The bundled file also holds Llama 3.2 Vision's <|image|> (id 128256); Llama 3.1 has 128,256
+    tokens, so it is dropped: a longer tokenizer makes trainers resize (and save) the embeddings."""
+    import json
+    from tokenizers import Tokenizer
+    data = json.loads(open(path, encoding="utf-8").read())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < VOCAB_SIZE]
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def load_tokenizer(name: str, revision: str | None = None):
     """The model's tokenizer with Llama 3.1's template, <|eot_id|> as EOS and a real pad token."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     if name == "bundled":
-        tok = PreTrainedTokenizerFast(tokenizer_file=bundled_tokenizer_file())
+        tok = PreTrainedTokenizerFast(tokenizer_object=_llama31_vocab(bundled_tokenizer_file()))
     else:
         tok = AutoTokenizer.from_pretrained(name, revision=revision, token=_hf_token())
     tok.bos_token, tok.eos_token, tok.pad_token = BOS, EOT, PAD

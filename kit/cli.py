@@ -2,6 +2,10 @@
 
     kit train [--config FILE] [--plan] [key=value ...]    same as python -m kit.recipes.llama31_sft
     kit ask RUN_DIR --prompt TEXT                          greedy answer from base + the run's adapter
+    kit export RUN_DIR --to merged16|gguf [--quant q8_0]   merged 16-bit model or GGUF (+ Ollama Modelfile)
+    kit verify RUN_DIR [--url URL --model NAME]            exports (and a server) agree with base + adapter?
+    kit serve RUN_DIR [RUN_DIR ...] [--merged]             vLLM's OpenAI-compatible server
+    kit chat --url URL --model NAME [--prompt TEXT]        streaming chat with a served model
 """
 from __future__ import annotations
 
@@ -32,8 +36,13 @@ def main(argv=None) -> int:
     ask.add_argument("run_dir")
     ask.add_argument("--prompt", required=True)
     ask.add_argument("--max-new-tokens", type=int, default=64)
+    from kit import chat_client, export, serve, verify
+    export.add_arguments(sub.add_parser("export", help="merged 16-bit safetensors or GGUF"))
+    verify.add_arguments(sub.add_parser("verify", help="compare exports and a server against base + adapter"))
+    serve.add_arguments(sub.add_parser("serve", help="serve runs with vLLM (base + adapters, or --merged)"))
+    chat_client.add_arguments(sub.add_parser("chat", help="chat with a served model (OpenAI API)"))
     args = p.parse_args(argv)
-    return {"ask": cmd_ask}[args.command](args)
+    return {"ask": cmd_ask, "export": export.run_cli, "verify": verify.run_cli, "serve": serve.run_cli, "chat": chat_client.run_cli}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -167,12 +167,21 @@ class RunConfig:
 
 
 @dataclass
+class ExportConfig:
+    formats: list[str] = field(default_factory=list)
+    """Exports written after training, into RUN_DIR/export/: merged16 and/or gguf (see kit export)."""
+    gguf_quant: str = "q8_0"
+    """GGUF type for the gguf export: f16, bf16, q8_0, q4_k_m or q5_k_m."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -217,6 +226,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[-1])
     if origin is Literal:
+        if value is False and "no" in args:
+            value = "no"  # YAML 1.1 reads a bare `no` as false
         if value not in args:
             options = [str(a) for a in args]
             raise ConfigError(f"{where}: '{value}' is not one of {', '.join(options)}.{_closest(str(value), options)}")
@@ -381,11 +392,18 @@ def validate(cfg: Config) -> None:
         if t.eval_strategy == "steps":
             _check(t.save_steps % (t.eval_steps or t.logging_steps) == 0,
                    "train.early_stopping_patience: save_steps must be a multiple of eval_steps.")
+    _check(not (t.packing and m.backend == "hf"),
+           "train.packing=true with model.backend=hf: transformers' SDPA attention would let packed examples "
+           "attend to each other. Use model.backend=unsloth (its varlen kernels keep them apart) or packing=false.")
     _check(0 <= d.eval_ratio < 1, f"data.eval_ratio={d.eval_ratio}: use 0 <= ratio < 1.")
     _check(d.max_examples is None or d.max_examples >= 1, "data.max_examples must be >= 1.")
     from kit.data import FIELD_NAMES
     bad = [k for k in d.fields if k not in FIELD_NAMES]
     _check(not bad, f"data.fields: unknown field {bad}; map these kit fields to your columns: {FIELD_NAMES}.")
+    bad = [f for f in cfg.export.formats if f not in ("merged16", "gguf")]
+    _check(not bad, f"export.formats: {bad} unknown; use merged16 and/or gguf.")
+    quants = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m")
+    _check(cfg.export.gguf_quant in quants, f"export.gguf_quant='{cfg.export.gguf_quant}': use one of {', '.join(quants)}.")
     _check(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
            f"run.name='{cfg.run.name}': use a plain folder name.")
 
@@ -400,6 +418,8 @@ def check_device(cfg: Config, cuda: bool, bf16_ok: bool) -> None:
         _check(not m.load_in_4bit, "model.load_in_4bit=true (QLoRA) needs a CUDA GPU and none is present. "
                "Use model.load_in_4bit=false on this machine.")
         _check(m.precision != "fp16", "model.precision=fp16 needs a CUDA GPU; use auto, bf16 or fp32 on CPU.")
+        _check(not t.packing, "train.packing=true needs a CUDA GPU: packed examples are kept apart by "
+               "FlashAttention's variable-length kernels, which CPUs lack. Set train.packing=false here.")
     else:
         _check(m.precision != "bf16" or bf16_ok, "model.precision=bf16: this GPU does not support bf16 "
                "(Ampere or newer does); use precision=fp16 (with loss scaling) or auto.")

@@ -76,7 +76,7 @@ def summary(info: dict) -> str:
         ("steps", f"{info['steps']:,} of {info['total_steps']:,}" + ("  (stopped early)" if info["stopped_early"] else "")),
         ("time", _duration(info["seconds"])),
         ("tokens/s", f"{info['tokens_per_s']:,.0f}  ({info['tokens']:,} tokens)"),
-        ("peak memory", f"{info['peak_gib']:.2f} GiB ({info['peak_kind']})"),
+        ("peak memory", f"{info['peak_gib']:.2f} GiB ({info['peak_kind']}, training)"),
         ("final train loss", _num(info.get("train_loss"))),
         ("best eval loss", f"{_num(info.get('best_eval_loss'))} at step {info.get('best_eval_step', '-')}"),
         ("overfitting alarms", str(info["alarms"])),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 SHAPES = {
-    "tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8),
@@ -42,11 +42,15 @@ def build_random_model(shape: str, seed: int, out: Path) -> Path:
         return out
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = LlamaForCausalLM(llama31_config(shape))
-        if shape in HEAD_STD:
-            torch.nn.init.normal_(model.lm_head.weight, std=HEAD_STD[shape])
-        model = model.to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: an fp32 8B would need 32 GB
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(llama31_config(shape))
+            if shape in HEAD_STD:
+                torch.nn.init.normal_(model.lm_head.weight, std=HEAD_STD[shape])
+    finally:
+        torch.set_default_dtype(default)
     model.generation_config = GenerationConfig(bos_token_id=128000, eos_token_id=STOP_TOKEN_IDS,
                                                do_sample=False)
     with atomic_dir(out) as tmp:

@@ -35,3 +35,20 @@ def run_recipe(args, cwd, timeout=1200, check=True):
     if check and res.returncode != 0:
         raise AssertionError(f"recipe failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's demo, exactly as configured, trained once per session into a temporary runs/."""
+    cwd = tmp_path_factory.mktemp("demo")
+    res = run_recipe(["--config", str(ROOT / "recipes" / "demo.yaml"), f"run.output_dir={cwd / 'runs'}"], cwd=cwd)
+    return cwd / "runs" / "demo", res
+
+
+def train_rows(run_dir):
+    """The demo's training rows (its eval split held out), as the recipe split them."""
+    from kit.config import load_config
+    from kit.data import load_rows, split_eval
+    cfg = load_config(run_dir / "config.yaml")
+    rows, _ = split_eval(load_rows(cfg.data.path), cfg.data.eval_ratio, cfg.train.seed, cfg.data.path)
+    return rows

