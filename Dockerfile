@@ -22,8 +22,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HF_HOME=/home/kit/.cache/huggingface \
     PATH=/opt/kit/.venv/bin:$PATH
 
+# Debian/Ubuntu package versions move with the base image's snapshot; the Python stack is what is pinned.
 # hadolint ignore=DL3008
-# (Debian/Ubuntu package versions move with the base image's snapshot; the Python stack is pinned.)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential cmake make git ca-certificates curl \
  && rm -rf /var/lib/apt/lists/*
@@ -55,16 +55,14 @@ COPY bench/ bench/
 RUN useradd --create-home --uid 1000 kit \
  && mkdir -p /runs /home/kit/.cache/huggingface \
  && chown -R kit:kit /runs /home/kit /opt/kit
-USER kit
+USER 1000:1000
 WORKDIR /runs
 VOLUME ["/runs", "/home/kit/.cache/huggingface"]
 EXPOSE 8000
 
-# Healthy when not serving, or when the server kit started answers /health.
+# Healthy when nothing listens on the port (training, export), or when the server answers /health.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
-  CMD python -c "import os,sys,urllib.request; p=os.environ.get('KIT_HEALTH_PORT','8000'); \
-import socket; s=socket.socket(); r=s.connect_ex(('127.0.0.1',int(p))); s.close(); \
-sys.exit(0) if r else urllib.request.urlopen(f'http://127.0.0.1:{p}/health', timeout=5) and sys.exit(0)"
+  CMD ["python", "-m", "kit.health"]
 
 ENTRYPOINT ["kit"]
 CMD ["--help"]

@@ -26,6 +26,7 @@ demo: setup
 	$(VENV)/bin/python -m kit.cli ask runs/demo --prompt "독일의 수도는 어디인가요?"
 
 test: setup
+	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/python -m pytest -q -rs tests
 
 clean:

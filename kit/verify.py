@@ -97,26 +97,25 @@ def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] =
     merged = Path(run_dir) / "export" / "merged16"
     if (merged / "config.json").is_file():
         m = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-        agrees, diffs, stops = [], [], []
-        for ids, cont, logits in refs:
-            got, lg = hf_run(m, ids, max_new, ids + cont)
-            agrees.append(agreement(cont, got))
-            diffs.append(float(abs(lg - logits).max()))
-            stops.append(got[-1] in STOP_TOKEN_IDS or cont[-1] not in STOP_TOKEN_IDS)
-        results.append(_judge("merged16", agrees, diffs, stops))
+        results.append(_compare("merged16", refs, lambda ids, seq: hf_run(m, ids, max_new, seq)))
     for gguf_file in sorted((Path(run_dir) / "export").glob("gguf-*/*.gguf")):
         import llama_cpp
         llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=1024, logits_all=True, verbose=False)
-        agrees, diffs, stops = [], [], []
-        for ids, cont, logits in refs:
-            got, lg = gguf_run(llm, ids, max_new, ids + cont)
-            agrees.append(agreement(cont, got))
-            diffs.append(float(abs(lg - logits).max()))
-            stops.append(got[-1] in STOP_TOKEN_IDS or cont[-1] not in STOP_TOKEN_IDS)
-        results.append(_judge(gguf_file.parent.name, agrees, diffs, stops))
+        results.append(_compare(gguf_file.parent.name, refs, lambda ids, seq: gguf_run(llm, ids, max_new, seq)))
     if url:
         results.append(_server(url, model_name, tok, prompts, refs, max_new))
     return results
+
+
+def _compare(target: str, refs, run_one) -> Result:
+    """run_one(prompt ids, reference sequence) -> (greedy continuation, logits over the reference sequence)."""
+    agrees, diffs, stops = [], [], []
+    for ids, cont, logits in refs:
+        got, lg = run_one(ids, ids + cont)
+        agrees.append(agreement(cont, got))
+        diffs.append(float(abs(lg - logits).max()))
+        stops.append(got[-1] in STOP_TOKEN_IDS or cont[-1] not in STOP_TOKEN_IDS)
+    return _judge(target, agrees, diffs, stops)
 
 
 def _server(url, model_name, tok, prompts, refs, max_new) -> Result:

@@ -177,3 +177,12 @@ def test_non_loopback_needs_api_key_which_never_reaches_argv(bad_adapter, monkey
 def test_missing_adapter_is_a_clear_error(tmp_path):
     with pytest.raises(serve.PreflightError, match="no adapter"):
         serve.plan([tmp_path])
+
+
+def test_verify_compares_the_server_with_base_plus_adapter(server, demo_run):
+    from kit.verify import verify
+    rows = train_rows(demo_run[0]).select(range(2))
+    prompts = [to_messages(r, "alpaca", {}, None, "row")[0]["content"] for r in rows]
+    results = verify(demo_run[0], server[0].url + "/v1", "demo", prompts)
+    srv = [r for r in results if r.target == "server:demo"][0]
+    assert srv.agreement == 1.0 and srv.stopped and srv.passed

@@ -140,3 +140,23 @@ def test_paged_optimizer_on_cpu_is_refused_before_loading(tmp_path):
                      cwd=tmp_path, check=False)
     assert res.returncode == 2 and "needs bitsandbytes on a CUDA GPU" in res.stderr
     assert not any(tmp_path.iterdir()), "nothing is written before validation passes"
+
+
+def test_overfitting_alarm_and_early_stopping_keep_the_best_checkpoint(tmp_path):
+    """64 examples, a fixed held-out set and many epochs: the model memorises, eval loss turns up."""
+    from safetensors.torch import load_file
+    res = run_recipe(["--config", DEMO, f"run.output_dir={tmp_path}", "run.name=es", "data.max_examples=64",
+                      "train.num_train_epochs=30", "train.early_stopping_patience=2", "train.overfit_patience=1",
+                      "train.save_total_limit=1"], cwd=tmp_path)
+    run_dir = tmp_path / "es"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    evals = [(m["step"], m["eval_loss"]) for m in _metrics(run_dir) if "eval_loss" in m]
+    best_step = min(evals, key=lambda e: e[1])[0]
+    assert manifest["result"]["stopped_early"] and evals[-1][0] < manifest["plan"]["total_steps"]
+    assert manifest["result"]["best_eval_step"] == best_step
+    alarms = manifest["overfit_alarms"]
+    assert alarms and alarms[0]["best_step"] <= best_step and "overfitting" in res.stderr
+    # the final adapter is the best checkpoint's, which the checkpoint limit kept
+    best = run_dir / "checkpoints" / f"checkpoint-{best_step}" / "adapter_model.safetensors"
+    a, b = load_file(best), load_file(run_dir / "adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
