@@ -8,6 +8,8 @@ FROM ${BASE_IMAGE}
 
 ARG VARIANT=gpu
 ARG KIT_GIT_COMMIT=unknown
+# Extra wheel folders for pip (e.g. a local torch+cpu wheel), mounted at build time; empty by default.
+ARG PIP_FIND_LINKS=
 LABEL org.opencontainers.image.title="kit" \
       org.opencontainers.image.description="Llama 3.1 LoRA/QLoRA fine-tuning, export and vLLM serving" \
       org.opencontainers.image.revision="${KIT_GIT_COMMIT}" \

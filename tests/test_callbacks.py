@@ -16,3 +16,16 @@ def test_no_alarm_when_train_loss_also_rises_or_eval_recovers():
     assert [a.observe(*s) for s in [(1, 1.0, 1.0), (2, 1.1, 1.1), (3, 1.2, 1.2)]] == [None] * 3
     b = OverfitAlarm(patience=2)
     assert [b.observe(*s) for s in [(1, 1.0, 2.0), (2, 1.1, 1.5), (3, 1.05, 1.0)]] == [None] * 3
+
+
+def test_incomplete_checkpoints_are_set_aside_not_resumed(tmp_path):
+    from kit.callbacks import COMPLETE, complete_checkpoints
+    for step, done in [(4, True), (8, True), (12, False)]:
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "trainer_state.json").write_text("{}")
+        if done:
+            (d / COMPLETE).write_text(str(step))
+    found = complete_checkpoints(tmp_path)
+    assert [d.name for d in found] == ["checkpoint-4", "checkpoint-8"]
+    assert not (tmp_path / "checkpoint-12").exists() and (tmp_path / ".incomplete-checkpoint-12").is_dir()

@@ -157,3 +157,20 @@ def test_sample_dataset_ships_a_few_hundred_korean_pairs(tokenizer):
     p = prepare(ds, tokenizer, fmt="koalpaca", fields={}, system_prompt=None, max_len=256, responses_only=True,
                 overlong="truncate", source="kit:ko_sample")
     assert p.truncated == 0 and not p.dropped_masked and len(p.fingerprint) == 16
+
+
+def test_eval_from_a_separate_file_or_a_held_out_ratio(tmp_path, tokenizer):
+    from kit.config import load_config
+    from kit.recipes.llama31_sft import load_data
+    rows = [{"instruction": f"질문 {i}", "output": f"답 {i}"} for i in range(20)]
+    train_f, eval_f = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train_f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    eval_f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows[:3]))
+    cfg = load_config(None, [f"data.path={train_f}", f"data.eval_path={eval_f}", "model.max_seq_length=128"])
+    train, evals = load_data(cfg, tokenizer)
+    assert len(train.dataset) == 20 and len(evals.dataset) == 3
+    cfg = load_config(None, [f"data.path={train_f}", "data.eval_ratio=0.25", "model.max_seq_length=128"])
+    train, evals = load_data(cfg, tokenizer)
+    assert len(train.dataset) == 15 and len(evals.dataset) == 5
+    cfg = load_config(None, [f"data.path={train_f}", "data.eval_ratio=0", "train.eval_strategy=no"])
+    assert load_data(cfg, tokenizer)[1] is None

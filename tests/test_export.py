@@ -23,7 +23,7 @@ EOT = 128009
 @pytest.fixture(scope="module")
 def exported(demo_run):
     run_dir = demo_run[0]
-    for to, quant in [("merged16", None), ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m")]:
+    for to, quant in [("merged16", None), ("gguf", "f16"), ("gguf", "bf16"), ("gguf", "q8_0"), ("gguf", "q4_k_m")]:
         ex.export(run_dir, to, quant or "q8_0")
     return run_dir
 
@@ -94,6 +94,17 @@ def test_gguf_carries_llama31_metadata(exported):
     assert 'PARAMETER stop "<|eot_id|>"' in modelfile and "FROM ./demo-f16.gguf" in modelfile
 
 
+def test_bf16_gguf_matches_transformers_on_trained_questions(exported, reference, prompts):
+    import llama_cpp
+    ref_model, tok = reference
+    llm = llama_cpp.Llama(model_path=str(next((exported / "export" / "gguf-bf16").glob("*.gguf"))), n_ctx=512,
+                          logits_all=True, verbose=False)
+    for p in prompts[:3]:
+        ids = prompt_ids(tok, p)
+        cont, _ = hf_run(ref_model, ids, 48)
+        assert gguf_run(llm, ids, 48, ids + cont)[0] == cont, p
+
+
 def test_q8_0_agrees_on_first_tokens_and_q4_k_m_generates(exported, reference, prompts):
     import llama_cpp
     ref_model, tok = reference
@@ -114,7 +125,7 @@ def test_verify_cli_reports_agreement(exported):
     out = subprocess.run([sys.executable, "-m", "kit.cli", "verify", str(exported)], capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
-    for target in ("merged16", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"):
+    for target in ("merged16", "gguf-f16", "gguf-bf16", "gguf-q8_0", "gguf-q4_k_m"):
         assert target in out.stdout
     assert "DISAGREES" not in out.stdout
 

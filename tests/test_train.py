@@ -91,7 +91,9 @@ SHORT = ["model.max_seq_length=128", "data.max_examples=48", "train.per_device_t
 
 def test_hf_backend_trains_same_model_from_same_start(tmp_path):
     runs = tmp_path / "runs"
-    run_recipe(["--config", DEMO, f"run.output_dir={runs}", "run.name=hf", "model.backend=hf", *SHORT], cwd=tmp_path)
+    run_recipe(["--config", DEMO, f"run.output_dir={runs}", "run.name=hf", "model.backend=hf", *SHORT,
+                "export.formats=[merged16]"], cwd=tmp_path)
+    assert (runs / "hf/export/merged16/config.json").is_file(), "the recipe's export section ran"
     run_recipe(["--config", DEMO, f"run.output_dir={runs}", "run.name=us", "model.backend=unsloth",
                 "train.max_steps=1", *[s for s in SHORT if "max_steps" not in s]], cwd=tmp_path)
     hf, us = _metrics(runs / "hf"), _metrics(runs / "us")
