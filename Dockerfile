@@ -25,9 +25,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/kit/.venv/bin:$PATH
 
 # Debian/Ubuntu package versions move with the base image's snapshot; the Python stack is what is pinned.
+# libnuma1: vLLM's CPU kernels (vllm._C_AVX2) link against it.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential cmake make git ca-certificates curl \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential cmake make git ca-certificates curl libnuma1 \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/kit
@@ -56,7 +57,7 @@ COPY bench/ bench/
 
 RUN useradd --create-home --uid 1000 kit \
  && mkdir -p /runs /home/kit/.cache/huggingface \
- && chown -R kit:kit /runs /home/kit /opt/kit
+ && chown -R kit:kit /runs /home/kit
 USER 1000:1000
 WORKDIR /runs
 VOLUME ["/runs", "/home/kit/.cache/huggingface"]

@@ -22,6 +22,14 @@ def package_versions() -> dict:
     return out
 
 
+def requirement_files() -> dict:
+    """sha256 of the pinned requirement files this install came from (the repo's, or the image's copy)."""
+    import hashlib
+    root = Path(__file__).resolve().parents[1]
+    folder = root / "requirements" if (root / "requirements").is_dir() else Path(sys.prefix)
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in sorted(folder.glob("*.txt"))}
+
+
 def git_commit() -> str | None:
     """The kit's commit: from the checkout, else from the image build (KIT_GIT_COMMIT)."""
     import os

@@ -27,7 +27,11 @@ set -e
 kit train --config /opt/kit/recipes/demo.yaml run.output_dir=/runs > /tmp/train.log 2>&1 || { tail -30 /tmp/train.log; exit 1; }
 grep -A14 'training finished' /tmp/train.log
 kit serve /runs/demo --port 8000 > /tmp/serve.log 2>&1 &
-for i in $(seq 1 240); do python -m kit.health && python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')" 2>/dev/null && break; sleep 1; done
+pid=$!
+until python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')" 2>/dev/null; do
+  kill -0 $pid 2>/dev/null || { tail -40 /tmp/serve.log; exit 1; }
+  sleep 1
+done
 kit chat --url http://127.0.0.1:8000/v1 --model demo --prompt "독일의 수도는 어디인가요?"
 """
     out = subprocess.run([*RUN, "--entrypoint", "bash", IMAGE, "-c", script], capture_output=True, text=True,

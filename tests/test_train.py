@@ -29,7 +29,7 @@ def test_demo_run_directory_is_complete(demo_run):
     assert manifest["backend"] == "unsloth" and manifest["device"].startswith("cpu")
     assert len(manifest["dataset"]["fingerprint"]) == 16 and manifest["seed"] == 42
     assert {"torch", "transformers", "trl", "peft", "unsloth"} <= set(manifest["packages"])
-    assert "git_commit" in manifest
+    assert "git_commit" in manifest and "cpu-train.txt" in manifest["requirements"]
     # checkpoints are the plan's, and complete
     ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     planned = manifest["plan"]["checkpoints"][-2:]  # save_total_limit: 2

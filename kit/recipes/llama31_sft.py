@@ -260,7 +260,8 @@ def write_manifest(run: Run, extra: dict) -> None:
         "seed": run.cfg.train.seed, "dataset": {"path": run.cfg.data.path, "fingerprint": run.train_data.fingerprint,
                                                  "examples": len(run.train_data.dataset),
                                                  "eval_examples": len(run.eval_data.dataset) if run.eval_data else 0},
-        "plan": vars(run.plan), "git_commit": report.git_commit(), "packages": report.package_versions(), **extra})
+        "plan": vars(run.plan), "git_commit": report.git_commit(), "packages": report.package_versions(),
+        "requirements": report.requirement_files(), **extra})
 
 
 def _tokens_before(checkpoint: Optional[Path]) -> int:
