@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 IMAGE = "localhost/kit:cpu"
-RUN = ["podman", "run", "--rm", "--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
+RUN = ["podman", "run", "--rm", "--runtime", "runc", "--shm-size", "1g", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
 
 pytestmark = pytest.mark.slow
 
