@@ -86,13 +86,16 @@ def read_adapter(run_dir: Path, name: Optional[str] = None) -> Adapter:
         raise PreflightError(f"{folder}: " + "; ".join(problems) + ". Serve the merged model instead: "
                              f"kit export {run_dir} --to merged16, then kit serve {run_dir} --merged.")
     rank = max([c["r"], *c.get("rank_pattern", {}).values()])
-    base, _ = sixteen_bit_base(c["base_model_name_or_path"])
+    return Adapter(name or run_dir.resolve().name, folder, c["base_model_name_or_path"], rank, trained_length(run_dir))
+
+
+def trained_length(run_dir: Path) -> Optional[int]:
+    """The run's model.max_seq_length from its saved config (None for a bare adapter folder)."""
     cfg_yaml = run_dir / "config.yaml"
-    max_len = None
-    if cfg_yaml.is_file():
-        import yaml
-        max_len = (yaml.safe_load(cfg_yaml.read_text()) or {}).get("model", {}).get("max_seq_length")
-    return Adapter(name or run_dir.resolve().name, folder, c["base_model_name_or_path"], rank, max_len)
+    if not cfg_yaml.is_file():
+        return None
+    import yaml
+    return (yaml.safe_load(cfg_yaml.read_text()) or {}).get("model", {}).get("max_seq_length")
 
 
 def base_config(base: str) -> dict:
@@ -140,7 +143,7 @@ def plan(run_dirs: list[Path], merged: bool = False, base: Optional[str] = None,
         folder = run_dirs[0] / "export" / "merged16"
         if not (folder / "config.json").is_file():
             raise PreflightError(f"{folder}: no merged export; write it with: kit export {run_dirs[0]} --to merged16")
-        return Plan(base=str(folder), tokenizer=str(folder), max_model_len=max_model_len)
+        return Plan(base=str(folder), tokenizer=str(folder), max_model_len=max_model_len or trained_length(run_dirs[0]))
     adapters = [read_adapter(d, (names or [None] * len(run_dirs))[i]) for i, d in enumerate(run_dirs)]
     if len({a.name for a in adapters}) < len(adapters):
         raise PreflightError("two runs have the same name; name them: --name a --name b.")
@@ -227,7 +230,8 @@ def start(p: Plan, host: str = "127.0.0.1", port: int = 8000, api_key_env: str =
           log: Optional[Path] = None, timeout: float = 600) -> Server:
     """Start vLLM in its own process group and wait for /health; on failure show the log's tail."""
     cmd, env = command(p, host, port, api_key_env)
-    log = log or Path(p.adapters[0].path.parent if p.adapters else p.base) / "serve.log"
+    # in the run directory, never inside the merged export (which is copied and uploaded as a model)
+    log = log or (p.adapters[0].path.parent / "serve.log" if p.adapters else Path(p.base).parents[1] / "serve-merged.log")
     try:
         fh = open(log, "w")
     except OSError:  # a read-only run directory (e.g. mounted :ro in a container)
@@ -290,12 +294,18 @@ def run_cli(args) -> int:
     models = ["<base> " + p.base] + [a.name for a in p.adapters]
     print(f"serving on {server.url}/v1 (log: {server.log})\nmodels: {', '.join(models)}\n"
           f"try: kit chat --url {server.url}/v1 --model {p.adapters[0].name if p.adapters else p.base}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (server.stop(), sys.exit(0)))
+    # SIGTERM (docker stop, kill) ends the wait like Ctrl-C; stopping inside the handler would deadlock on
+    # the lock that the interrupted Popen.wait() holds.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return server.proc.wait()
     except KeyboardInterrupt:
         server.stop()
         return 0
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:

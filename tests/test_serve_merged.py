@@ -1,6 +1,12 @@
 """vLLM serving the merged 16-bit export (kit serve --merged), on CPU; its own module so that the
 adapter server of test_serve.py has stopped before this one starts."""
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -13,26 +19,49 @@ pytestmark = pytest.mark.slow
 
 
 def test_merged_export_served_by_vllm_gives_the_trained_answer(demo_run):
+    """Through the command line, as users run it; SIGTERM (docker stop) stops kit and vLLM cleanly."""
     import openai
     run_dir = demo_run[0]
     if not (run_dir / "export" / "merged16" / "config.json").is_file():
         export(run_dir, "merged16")
     p = serve.plan([run_dir], merged=True)
     assert p.adapters == [] and p.base.endswith("export/merged16")
+    assert p.max_model_len == 256  # the run's max_seq_length, as for base + adapter
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = serve.start(p, port=port, log=run_dir.parent / "serve-merged.log", timeout=600)
+    url = f"http://127.0.0.1:{port}"
+    log = open(run_dir.parent / "serve-merged.out", "w")
+    cli = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(run_dir), "--merged", "--port", str(port)],
+                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
+        _wait_healthy(cli, url)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
         row = train_rows(run_dir)[0]
         question = to_messages(row, "alpaca", {}, None, "row")[0]["content"]
         r = client.chat.completions.create(model=p.base, messages=[{"role": "user", "content": question}],
                                            temperature=0, max_tokens=48)
         assert r.choices[0].message.content == row["output"] and r.choices[0].finish_reason == "stop"
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 0
+        with pytest.raises(OSError):  # vLLM is gone with it
+            urllib.request.urlopen(url + "/health", timeout=5)
     finally:
-        srv.stop()
-    assert srv.proc.poll() is not None
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", f"api_server.*--port {port}"])  # a vLLM left behind by a failed stop
+
+
+def _wait_healthy(proc, url, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"kit serve exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} not healthy after {timeout} s")
 
 
 def test_merged_without_export_is_refused(tmp_path):
