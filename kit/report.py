@@ -115,5 +115,10 @@ def peak_memory() -> tuple[float, str]:
     return kib / 2**20, "process RSS"
 
 
-def command_line() -> str:
-    return " ".join([Path(sys.executable).name, "-m", "kit.recipes.llama31_sft"] + sys.argv[1:])
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as the user typed it, quoted so that it can be pasted back into a shell."""
+    import shlex
+    argv = sys.argv if argv is None else argv
+    via_kit = Path(argv[0]).name in ("kit", "cli.py")  # `kit train …` or `python -m kit.cli train …`
+    head = ["kit"] if via_kit else [Path(sys.executable).name, "-m", "kit.recipes.llama31_sft"]
+    return shlex.join(head + argv[1:])

@@ -40,6 +40,23 @@ def prompts(demo_run):
         ["배치 크기란 무엇인가요?", "What is the capital of France?"]
 
 
+def _gguf(exported, folder, **kw):
+    import llama_cpp
+    path = next((exported / "export" / folder).glob("*.gguf"))
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False, **kw)
+
+
+def _greedy_pairs(llm, reference, prompts):
+    """(transformers' greedy tokens, llama.cpp's under the same prefix) for the three trained questions."""
+    ref_model, tok = reference
+    pairs = []
+    for p in prompts[:3]:
+        ids = prompt_ids(tok, p)
+        cont, _ = hf_run(ref_model, ids, 48)
+        pairs.append((cont, gguf_run(llm, ids, 48, ids + cont)[0]))
+    return pairs
+
+
 def test_merged16_is_a_plain_model_with_equal_logits(exported, reference, prompts):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     out = exported / "export" / "merged16"
@@ -60,10 +77,8 @@ def test_merged16_is_a_plain_model_with_equal_logits(exported, reference, prompt
 
 
 def test_f16_gguf_in_llama_cpp_matches_transformers_and_stops(exported, reference, prompts):
-    import llama_cpp
     ref_model, tok = reference
-    path = next((exported / "export" / "gguf-f16").glob("*.gguf"))
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False)
+    llm = _gguf(exported, "gguf-f16", logits_all=True)
     for i, p in enumerate(prompts):
         ids = prompt_ids(tok, p)
         cont, logits = hf_run(ref_model, ids, 48)
@@ -95,29 +110,16 @@ def test_gguf_carries_llama31_metadata(exported):
 
 
 def test_bf16_gguf_matches_transformers_on_trained_questions(exported, reference, prompts):
-    import llama_cpp
-    ref_model, tok = reference
-    llm = llama_cpp.Llama(model_path=str(next((exported / "export" / "gguf-bf16").glob("*.gguf"))), n_ctx=512,
-                          logits_all=True, verbose=False)
-    for p in prompts[:3]:
-        ids = prompt_ids(tok, p)
-        cont, _ = hf_run(ref_model, ids, 48)
-        assert gguf_run(llm, ids, 48, ids + cont)[0] == cont, p
+    for want, got in _greedy_pairs(_gguf(exported, "gguf-bf16", logits_all=True), reference, prompts):
+        assert got == want
 
 
 def test_q8_0_agrees_on_first_tokens_and_q4_k_m_generates(exported, reference, prompts):
-    import llama_cpp
-    ref_model, tok = reference
-    q8 = llama_cpp.Llama(model_path=str(next((exported / "export" / "gguf-q8_0").glob("*.gguf"))), n_ctx=512,
-                         logits_all=True, verbose=False)
-    for p in prompts[:3]:
-        ids = prompt_ids(tok, p)
-        cont, _ = hf_run(ref_model, ids, 48)
-        got, _ = gguf_run(q8, ids, 48, ids + cont)
-        assert got[:3] == cont[:3], p
-    q4 = llama_cpp.Llama(model_path=str(next((exported / "export" / "gguf-q4_k_m").glob("*.gguf"))), n_ctx=512,
-                         verbose=False)
-    got, _ = gguf_run(q4, prompt_ids(tok, prompts[0]), 16, prompt_ids(tok, prompts[0]))
+    for want, got in _greedy_pairs(_gguf(exported, "gguf-q8_0", logits_all=True), reference, prompts):
+        assert got[:3] == want[:3]
+    tok = reference[1]
+    ids = prompt_ids(tok, prompts[0])
+    got, _ = gguf_run(_gguf(exported, "gguf-q4_k_m"), ids, 16, ids)
     assert got and all(0 <= t < 128256 for t in got)
 
 
