@@ -10,8 +10,9 @@ Format (Meta's Llama 3.1 prompt format; tools are not supported by the kit):
 from __future__ import annotations
 
 BOS, EOT, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
-STOP_TOKEN_IDS = [128001, 128008, 128009]
-VOCAB_SIZE = 128256  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+BOS_ID, EOT_ID, PAD_ID = 128000, 128009, 128004
+STOP_TOKEN_IDS = [128001, 128008, EOT_ID]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+VOCAB_SIZE = 128256
 SYSTEM_PREAMBLE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 ROLES = ("system", "user", "assistant")
 
@@ -72,6 +73,13 @@ def _llama31_vocab(path: str):
     data = json.loads(open(path, encoding="utf-8").read())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < VOCAB_SIZE]
     return Tokenizer.from_str(json.dumps(data))
+
+
+def generation_config():
+    """Greedy by default and stopping at any of Llama 3.1's stop tokens (vLLM reads it with
+    --generation-config auto)."""
+    from transformers import GenerationConfig
+    return GenerationConfig(bos_token_id=BOS_ID, eos_token_id=STOP_TOKEN_IDS, pad_token_id=PAD_ID, do_sample=False)
 
 
 def load_tokenizer(name: str, revision: str | None = None):

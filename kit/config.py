@@ -355,7 +355,7 @@ def validate(cfg: Config) -> None:
         bad = [x for x in lo.target_modules if x not in ALL_LINEAR]
         _check(not bad, f"lora.target_modules: {bad} are not Llama linear projections; choose from {ALL_LINEAR}"
                " (embed_tokens/lm_head go in lora.modules_to_save).")
-    unservable = ([f"use_dora (vLLM does not serve DoRA adapters)"] if lo.use_dora else []) + \
+    unservable = (["use_dora (vLLM does not serve DoRA adapters)"] if lo.use_dora else []) + \
         ([f"bias='{lo.bias}' (vLLM serves LoRA adapters without bias)"] if lo.bias != "none" else []) + \
         ([f"modules_to_save={lo.modules_to_save} (vLLM does not load fully trained modules from an adapter)"]
          if lo.modules_to_save else [])
@@ -400,10 +400,10 @@ def validate(cfg: Config) -> None:
     from kit.data import FIELD_NAMES
     bad = [k for k in d.fields if k not in FIELD_NAMES]
     _check(not bad, f"data.fields: unknown field {bad}; map these kit fields to your columns: {FIELD_NAMES}.")
-    bad = [f for f in cfg.export.formats if f not in ("merged16", "gguf")]
-    _check(not bad, f"export.formats: {bad} unknown; use merged16 and/or gguf.")
-    quants = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m")
-    _check(cfg.export.gguf_quant in quants, f"export.gguf_quant='{cfg.export.gguf_quant}': use one of {', '.join(quants)}.")
+    from kit.export import FORMATS, QUANTS
+    bad = [f for f in cfg.export.formats if f not in FORMATS]
+    _check(not bad, f"export.formats: {bad} unknown; use {' and/or '.join(FORMATS)}.")
+    _check(cfg.export.gguf_quant in QUANTS, f"export.gguf_quant='{cfg.export.gguf_quant}': use one of {', '.join(QUANTS)}.")
     _check(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
            f"run.name='{cfg.run.name}': use a plain folder name.")
 

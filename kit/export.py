@@ -16,8 +16,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from kit.chat import LLAMA31_CHAT_TEMPLATE, STOP_TOKEN_IDS
+from kit.chat import BOS_ID, EOT_ID, LLAMA31_CHAT_TEMPLATE, generation_config
 
+FORMATS = ("merged16", "gguf")
 DIRECT = ("f16", "bf16", "q8_0")
 KQUANTS = ("q4_k_m", "q5_k_m")
 QUANTS = DIRECT + KQUANTS
@@ -84,9 +85,7 @@ def _no_space(e: OSError) -> ExportError:
 
 
 def write_merged16(model, tokenizer, out: Path) -> None:
-    from transformers import GenerationConfig
-    model.generation_config = GenerationConfig(bos_token_id=128000, eos_token_id=STOP_TOKEN_IDS,
-                                               pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    model.generation_config = generation_config()
     model.save_pretrained(out, max_shard_size="5GB", safe_serialization=True)
     tokenizer.chat_template = LLAMA31_CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
@@ -163,9 +162,9 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(128000)
-    writer.add_eos_token_id(128009)  # <|eot_id|>: an instruct model's turn ends there
-    writer.add_eot_token_id(128009)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOT_ID)  # <|eot_id|>: an instruct model's turn ends there
+    writer.add_eot_token_id(EOT_ID)
     writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(True)
     writer.add_chat_template(LLAMA31_CHAT_TEMPLATE)
@@ -248,8 +247,8 @@ def export(run_dir: Path, to: str, quant: str = "q8_0") -> Path:
     """Write RUN_DIR/export/merged16/ or RUN_DIR/export/gguf-<quant>/; returns the folder."""
     from kit.io import atomic_dir
     run_dir = Path(run_dir)
-    if to not in ("merged16", "gguf"):
-        raise ExportError(f"--to {to}: use merged16 or gguf.")
+    if to not in FORMATS:
+        raise ExportError(f"--to {to}: use {' or '.join(FORMATS)}.")
     if to == "gguf" and quant not in QUANTS:
         raise ExportError(f"--quant {quant}: unknown GGUF type; use one of {', '.join(QUANTS)}.")
     adapter_info(run_dir)
@@ -278,7 +277,7 @@ def export(run_dir: Path, to: str, quant: str = "q8_0") -> Path:
 
 def add_arguments(p) -> None:
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--to", required=True, choices=["merged16", "gguf"])
+    p.add_argument("--to", required=True, choices=FORMATS)
     p.add_argument("--quant", default="q8_0", help=f"GGUF type: {', '.join(QUANTS)} (default q8_0)")
 
 

@@ -240,19 +240,30 @@ def start(p: Plan, host: str = "127.0.0.1", port: int = 8000, api_key_env: str =
         fh = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = Server(proc, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", log)
+    try:
+        wait_healthy(proc, server.url, timeout)
+    except TimeoutError as e:
+        server.stop()
+        raise RuntimeError(f"vLLM {e}; stopped it.\n{_tail(log)}") from None
+    except ChildProcessError as e:
+        raise RuntimeError(f"vLLM {e}.\n{_tail(log)}") from None
+    return server
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    """Return once URL/health answers 200; ChildProcessError if `proc` exits first, TimeoutError after timeout."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited with code {proc.returncode} before it was ready.\n{_tail(log)}")
+            raise ChildProcessError(f"exited with code {proc.returncode} before it was ready")
         try:
-            with urllib.request.urlopen(server.url + "/health", timeout=2) as r:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
-                    return server
+                    return
         except OSError:
             pass
         time.sleep(1)
-    server.stop()
-    raise RuntimeError(f"vLLM was not healthy after {timeout:.0f} s; stopped it.\n{_tail(log)}")
+    raise TimeoutError(f"was not healthy after {timeout:.0f} s")
 
 
 def _tail(log: Path, lines: int = 25) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kit.chat import BOS_ID, STOP_TOKEN_IDS, VOCAB_SIZE
+
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1),
@@ -23,8 +25,8 @@ HEAD_STD = {"tiny": 0.15}
 def llama31_config(shape: str):
     from transformers import LlamaConfig
     return LlamaConfig(
-        vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
-        bos_token_id=128000, eos_token_id=[128001, 128008, 128009], tie_word_embeddings=False,
+        vocab_size=VOCAB_SIZE, max_position_embeddings=131072, rope_theta=500000.0,
+        bos_token_id=BOS_ID, eos_token_id=STOP_TOKEN_IDS, tie_word_embeddings=False,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         rms_norm_eps=1e-5, torch_dtype="bfloat16", **SHAPES[shape])
@@ -34,8 +36,8 @@ def build_random_model(shape: str, seed: int, out: Path) -> Path:
     """Write a random-weight Llama 3.1 model (bf16 safetensors + tokenizer + generation config) to
     `out` atomically; an existing complete copy is reused, so the same seed gives the same model."""
     import torch
-    from transformers import GenerationConfig, LlamaForCausalLM
-    from kit.chat import STOP_TOKEN_IDS, load_tokenizer
+    from transformers import LlamaForCausalLM
+    from kit.chat import generation_config, load_tokenizer
     from kit.io import atomic_dir
 
     if (out / "config.json").exists():
@@ -51,8 +53,7 @@ def build_random_model(shape: str, seed: int, out: Path) -> Path:
                 torch.nn.init.normal_(model.lm_head.weight, std=HEAD_STD[shape])
     finally:
         torch.set_default_dtype(default)
-    model.generation_config = GenerationConfig(bos_token_id=128000, eos_token_id=STOP_TOKEN_IDS,
-                                               do_sample=False)
+    model.generation_config = generation_config()
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size="5GB")
         load_tokenizer("bundled").save_pretrained(tmp)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from kit.chat import STOP_TOKEN_IDS
+from kit.chat import PAD_ID, STOP_TOKEN_IDS
 
 PROMPTS = ["대한민국의 수도는 어디인가요?", "배치 크기란 무엇인가요?", "LoRA를 한 문장으로 설명해 주세요.",
            "What is the capital of France?", "1 더하기 1은?"]
@@ -52,7 +52,7 @@ def hf_run(model, ids: list[int], max_new: int, ref_seq: list[int] | None = None
     import torch
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_new, do_sample=False, eos_token_id=STOP_TOKEN_IDS, pad_token_id=128004)
+                             max_new_tokens=max_new, do_sample=False, eos_token_id=STOP_TOKEN_IDS, pad_token_id=PAD_ID)
         seq = out[0].tolist()
         logits = model(input_ids=torch.tensor([ref_seq or seq])).logits[0].float().numpy()
     return seq[len(ids):], logits

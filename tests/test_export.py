@@ -11,7 +11,6 @@ import torch
 
 from conftest import train_rows
 from kit import export as ex
-from kit.chat import STOP_TOKEN_IDS
 from kit.data import to_messages
 from kit.infer import load_adapter_model
 from kit.verify import gguf_run, hf_run, prompt_ids

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, train_rows
+from conftest import train_rows
 from kit import serve
 from kit.data import to_messages
 

@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -35,7 +34,7 @@ def test_merged_export_served_by_vllm_gives_the_trained_answer(demo_run):
     cli = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(run_dir), "--merged", "--port", str(port)],
                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_healthy(cli, url)
+        serve.wait_healthy(cli, url, timeout=600)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none")
         row = train_rows(run_dir)[0]
         question = to_messages(row, "alpaca", {}, None, "row")[0]["content"]
@@ -51,17 +50,6 @@ def test_merged_export_served_by_vllm_gives_the_trained_answer(demo_run):
             os.killpg(cli.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-9", "-f", f"api_server.*--port {port}"])  # a vLLM left behind by a failed stop
 
-
-def _wait_healthy(proc, url, timeout=600):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"kit serve exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{url} not healthy after {timeout} s")
 
 
 def test_merged_without_export_is_refused(tmp_path):

@@ -318,8 +318,8 @@ def main(argv=None) -> int:
         write_manifest(run, {"status": "training"})
         trainer, alarm, result, seconds = train(run)
         print(save(run, trainer, alarm, result, seconds))
+        from kit.export import export
         for fmt in cfg.export.formats:
-            from kit.export import export
             print(f"exported {fmt} to {export(cfg.run_dir, fmt, cfg.export.gguf_quant)}")
         return 0
     except (ConfigError, DataError, ExportError) as e:
