@@ -52,7 +52,6 @@ RUN --mount=type=secret,id=ca,required=false \
  && cp requirements/*.txt /opt/kit/.venv/ \
  && echo "${KIT_GIT_COMMIT}" > /opt/kit/.venv/kit-commit
 
-COPY recipes/ recipes/
 COPY serve/ serve/
 COPY bench/ bench/
 

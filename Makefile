@@ -1,6 +1,6 @@
 # One command sets everything up and runs the demo; one sets everything up and runs the tests.
 #   make demo    train the tiny demo on CPU, then ask it a training question
-#   make test    the whole test suite (CPU; GPU tests are skipped without CUDA)
+#   make test    the linters and the whole test suite (CPU; GPU tests are skipped without CUDA)
 PY      ?= python3
 VENV    ?= .venv
 SERVE   ?= .venv-serve
@@ -22,11 +22,12 @@ $(SERVE)/.kit-ready: requirements/cpu-serve.txt
 	touch $@
 
 demo: setup
-	$(VENV)/bin/python -m kit.recipes.llama31_sft --config recipes/demo.yaml run.overwrite=true
+	$(VENV)/bin/python -m kit.recipes.llama31_sft --config demo run.overwrite=true
 	$(VENV)/bin/python -m kit.cli ask runs/demo --prompt "독일의 수도는 어디인가요?"
 
 test: setup
 	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/ruff check kit tests
 	$(VENV)/bin/python -m pytest -q -rs tests
 
 clean:

@@ -1,4 +1,5 @@
-"""Trainer callbacks: metrics to JSONL, the guide's overfitting alarm, and checkpoint completeness."""
+"""Trainer callbacks: metrics to JSONL, the guide's overfitting alarm, and checkpoint completeness.
+Behind the import boundary (see kit.backend): imported by kit.train after the backend is active."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from kit.rundir import COMPLETE, checkpoint_name
+
 log = logging.getLogger("kit")
-COMPLETE = "kit-complete"  # written last into a checkpoint: without it the checkpoint is incomplete
 
 
 class MetricsFile(TrainerCallback):
@@ -63,7 +65,7 @@ class OverfitAlarm(TrainerCallback):
         alarm = {"step": step, "best_step": best_step, "best_eval_loss": best_loss, "message": (
             f"overfitting: eval loss rose for {self.patience} evaluations ({first[1]:.4f} -> {last[1]:.4f}) while "
             f"train loss fell ({first[2]:.4f} -> {last[2]:.4f}). Best eval loss {best_loss:.4f} was at step "
-            f"{best_step} (checkpoint-{best_step} if one was saved there). Consider fewer epochs, a lower "
+            f"{best_step} ({checkpoint_name(best_step)} if one was saved there). Consider fewer epochs, a lower "
             "learning rate, more data, or train.early_stopping_patience.")}
         self.alarms.append(alarm)
         return alarm
@@ -73,24 +75,10 @@ class MarkComplete(TrainerCallback):
     """Marks a checkpoint complete once the Trainer has written all of it (model, optimizer, RNG, state)."""
 
     def on_save(self, args, state, control, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        ckpt = Path(args.output_dir) / checkpoint_name(state.global_step)
         if ckpt.is_dir() and state.is_world_process_zero:
             with open(ckpt / COMPLETE, "w") as f:
                 f.write(f"{state.global_step}\n")
                 f.flush()
                 os.fsync(f.fileno())
 
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first; incomplete ones (a crash mid-save) are renamed aside."""
-    found = []
-    for d in Path(folder).glob("checkpoint-*"):
-        if not d.name.split("-")[-1].isdigit():
-            continue
-        if (d / COMPLETE).exists():
-            found.append(d)
-        else:
-            aside = d.parent / f".incomplete-{d.name}"
-            log.warning(f"{d} was not completely written (interrupted save); moved to {aside.name}.")
-            os.replace(d, aside)
-    return sorted(found, key=lambda d: int(d.name.split("-")[-1]))

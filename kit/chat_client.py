@@ -1,8 +1,9 @@
 """`kit chat`: a streaming chat REPL (or one-shot --prompt) against any OpenAI-compatible server."""
 from __future__ import annotations
 
-import os
 import sys
+
+from kit import env
 
 
 def add_arguments(p) -> None:
@@ -12,7 +13,7 @@ def add_arguments(p) -> None:
     p.add_argument("--system", help="system message")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--api-key-env", default="KIT_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--api-key-env", default=env.API_KEY_ENV, help="environment variable holding the API key")
 
 
 def ask(client, model: str, messages: list[dict], max_tokens: int, temperature: float, out=sys.stdout) -> str:
@@ -35,11 +36,12 @@ def ask(client, model: str, messages: list[dict], max_tokens: int, temperature: 
 
 def run_cli(args) -> int:
     import openai
-    client = openai.OpenAI(base_url=args.url, api_key=os.environ.get(args.api_key_env) or "none")
+    client = openai.OpenAI(base_url=args.url, api_key=env.api_key(args.api_key_env) or "none")
     history = [{"role": "system", "content": args.system}] if args.system else []
     try:
         if args.prompt is not None:
-            ask(client, args.model, history + [{"role": "user", "content": args.prompt}], args.max_tokens, args.temperature)
+            ask(client, args.model, history + [{"role": "user", "content": args.prompt}], args.max_tokens,
+                args.temperature)
             return 0
         print(f"chatting with {args.model} at {args.url} (empty line or Ctrl-D to quit)")
         while True:

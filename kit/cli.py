@@ -1,6 +1,6 @@
 """`kit`: one entry point for the kit's commands. Heavy imports happen inside each command.
 
-    kit train [--config FILE] [--plan] [key=value ...]    same as python -m kit.recipes.llama31_sft
+    kit train [--config RECIPE] [--plan] [key=value ...]  same as python -m kit.recipes.llama31_sft
     kit ask RUN_DIR --prompt TEXT                          greedy answer from base + the run's adapter
     kit export RUN_DIR --to merged16|gguf [--quant q8_0]   merged 16-bit model or GGUF (+ Ollama Modelfile)
     kit verify RUN_DIR [--url URL --model NAME]            exports (and a server) agree with base + adapter?
@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kit import chat_client, export, serve, verify
+from kit.errors import KitError
+
 
 def cmd_ask(args) -> int:
     from kit.infer import generate, load_adapter_model
-    try:
-        model, tok = load_adapter_model(args.run_dir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, tok = load_adapter_model(args.run_dir)
     print(generate(model, tok, [{"role": "user", "content": args.prompt}], args.max_new_tokens))
     return 0
 
@@ -28,7 +27,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":
         from kit.recipes.llama31_sft import main as train_main
-        return train_main(argv[1:])
+        return train_main(argv[1:], prog="kit train")
     p = argparse.ArgumentParser(prog="kit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune (see: kit train --help)", add_help=False)
@@ -36,13 +35,18 @@ def main(argv=None) -> int:
     ask.add_argument("run_dir")
     ask.add_argument("--prompt", required=True)
     ask.add_argument("--max-new-tokens", type=int, default=64)
-    from kit import chat_client, export, serve, verify
     export.add_arguments(sub.add_parser("export", help="merged 16-bit safetensors or GGUF"))
     verify.add_arguments(sub.add_parser("verify", help="compare exports and a server against base + adapter"))
     serve.add_arguments(sub.add_parser("serve", help="serve runs with vLLM (base + adapters, or --merged)"))
     chat_client.add_arguments(sub.add_parser("chat", help="chat with a served model (OpenAI API)"))
     args = p.parse_args(argv)
-    return {"ask": cmd_ask, "export": export.run_cli, "verify": verify.run_cli, "serve": serve.run_cli, "chat": chat_client.run_cli}[args.command](args)
+    commands = {"ask": cmd_ask, "export": export.run_cli, "verify": verify.run_cli, "serve": serve.run_cli,
+                "chat": chat_client.run_cli}
+    try:
+        return commands[args.command](args)
+    except KitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,29 +1,50 @@
-"""The kit's one typed configuration: recipe YAML + dotted CLI overrides -> validated dataclasses.
+"""The kit's one typed configuration: a recipe (YAML shipped in the kit, or your own file) + dotted
+command-line overrides -> validated dataclasses.
 
 Names follow Hugging Face's ``TrainingArguments`` and the Korean guide the kit is built around, so a
-value read in the guide (``per_device_train_batch_size = 8``) is written the same way here.
-Everything is checked here, before any weights load.
+value read in the guide (``per_device_train_batch_size = 8``) is written the same way here; the train
+section's TrainingArguments fields reach TRL's SFTConfig by name (TrainConfig.training_arguments).
+Everything is checked here, before any weights load, and every problem is reported at once.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import os
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TARGET_PRESETS = {"all-linear": ALL_LINEAR, "qkv": ["q_proj", "k_proj", "v_proj"]}
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "adafactor")
+from kit.data import FIELD_NAMES
+from kit.errors import ConfigError
+from kit.export import FORMATS
+from kit.gguf import QUANTS
+from kit.llama import PROJECTIONS
+from kit.tiny import SHAPES
+
+RECIPES = Path(__file__).parent / "recipes"  # the YAML recipes, shipped as package data
+DEFAULT_RECIPE = "llama31_sft"
+RANDOM = "random:"  # model.name prefix of a random-weight model (kit.tiny)
+TARGET_PRESETS = {"all-linear": list(PROJECTIONS), "qkv": ["q_proj", "k_proj", "v_proj"]}
 CUDA_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the user: what, where, and what to do."""
+# TrainConfig fields the kit applies itself; every other TrainConfig field is a TrainingArguments field of
+# the same name and meaning and reaches SFTConfig as it is.
+TRAIN_KIT_ONLY = {
+    "warmup_ratio": "folded with warmup_steps into SFTConfig.warmup_steps (a value < 1 is a ratio)",
+    "warmup_steps": "folded with warmup_ratio into SFTConfig.warmup_steps",
+    "gradient_checkpointing": "the backend enables its own variant when it loads the model",
+    "resume_from_checkpoint": "'auto' is resolved by the run directory (kit.rundir)",
+    "early_stopping_patience": "transformers' EarlyStoppingCallback",
+    "early_stopping_threshold": "transformers' EarlyStoppingCallback",
+    "overfit_patience": "the kit's OverfitAlarm callback",
+    "report_to_tensorboard": "a TensorBoard callback writing into the run directory",
+}
 
 
 @dataclass
@@ -45,6 +66,16 @@ class ModelConfig:
     """auto: bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU."""
     random_seed: int = 0
     """Seed of the random weights when name is 'random:*'."""
+
+    @property
+    def random_shape(self) -> Optional[str]:
+        """'tiny' for model.name 'random:tiny'; None for a real model."""
+        return self.name[len(RANDOM):] if self.name.startswith(RANDOM) else None
+
+    @property
+    def tokenizer_source(self) -> str:
+        """What load_tokenizer loads: a random-weight model uses the bundled Llama 3.1 tokenizer."""
+        return "bundled" if self.random_shape is not None else (self.tokenizer or self.name)
 
 
 @dataclass
@@ -71,6 +102,8 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    """Named as in TrainingArguments; all but TRAIN_KIT_ONLY pass through to SFTConfig by name."""
+
     per_device_train_batch_size: int = 8
     """Examples per device per forward pass (the guide's 'batch size')."""
     per_device_eval_batch_size: int = 8
@@ -123,6 +156,10 @@ class TrainConfig:
     """Recompute activations in backward to save memory (Unsloth's offloaded variant on that backend)."""
     report_to_tensorboard: bool = True
     """Also write TensorBoard event files under the run directory."""
+
+    def training_arguments(self) -> dict[str, Any]:
+        """The fields that are TrainingArguments fields, by name, as they are."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in TRAIN_KIT_ONLY}
 
 
 @dataclass
@@ -193,13 +230,37 @@ class Config:
         return list(TARGET_PRESETS[t]) if isinstance(t, str) else list(t)
 
 
-# ---------------------------------------------------------------- loading and overrides
+# ---------------------------------------------------------------- recipes, loading and overrides
 
-def _closest(key: str, valid: list[str]) -> str:
-    best = difflib.get_close_matches(key, valid, n=2, cutoff=0.5)
-    if not best:
-        return "" if len(valid) < 10 else f" Valid keys: {', '.join(valid)}."
-    return f" Did you mean '{best[0]}'" + (f" (or '{best[1]}')?" if len(best) > 1 else "?")
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(recipe: str | os.PathLike) -> Path:
+    """A recipe YAML file, or the name of a recipe shipped in the kit ('demo'). A path recipes/NAME.yaml
+    that does not exist also names the shipped recipe, as commands written for a checkout do."""
+    p = Path(recipe)
+    if p.is_file():
+        return p
+    shipped = RECIPES / f"{p.stem}.yaml"
+    if p.parent.name in ("", "recipes") and p.suffix in ("", ".yaml") and shipped.is_file():
+        return shipped
+    raise ConfigError(f"recipe file {p} does not exist. Pass --config with a YAML file or the name of a recipe "
+                      f"shipped in the kit: {', '.join(shipped_recipes())}.")
+
+
+@dataclass(frozen=True)
+class Issue:
+    key: str
+    """The dotted key the problem is about; its file and line (or override) are added when known."""
+    message: str
+
+
+@dataclass(frozen=True)
+class Override:
+    text: str
+    keys: list[str]
+    value: Any
 
 
 def all_keys(cls=Config, prefix="") -> list[str]:
@@ -212,7 +273,14 @@ def all_keys(cls=Config, prefix="") -> list[str]:
     return keys
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def _closest(key: str, valid: list[str]) -> str:
+    best = difflib.get_close_matches(key, valid, n=2, cutoff=0.5)
+    if not best:
+        return "" if len(valid) < 10 else f" Valid keys: {', '.join(valid)}."
+    return f" Did you mean '{best[0]}'" + (f" (or '{best[1]}')?" if len(best) > 1 else "?")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check/convert one value against its type hint; the error names the key."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Union:
@@ -221,7 +289,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         errors = []
         for a in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, a, where)
+                return _coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[-1])
@@ -230,63 +298,74 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             value = "no"  # YAML 1.1 reads a bare `no` as false
         if value not in args:
             options = [str(a) for a in args]
-            raise ConfigError(f"{where}: '{value}' is not one of {', '.join(options)}.{_closest(str(value), options)}")
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(options)}.{_closest(str(value), options)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}.")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+            raise ConfigError(f"{key}: expected a list, got {value!r}.")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping like {{key: value}}, got {value!r}.")
-        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+            raise ConfigError(f"{key}: expected a mapping like {{key: value}}, got {value!r}.")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}.")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}.")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{where}: expected a whole number, got {value!r}.")
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}.")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}.")
+        raise ConfigError(f"{key}: expected a number, got {value!r}.")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{where}: expected text, got {value!r}.")
-    raise ConfigError(f"{where}: unsupported type {hint}.")  # pragma: no cover - a kit bug
+        raise ConfigError(f"{key}: expected text, got {value!r}.")
+    raise ConfigError(f"{key}: unsupported type {hint}.")  # pragma: no cover - a kit bug
 
 
-def _build(cls, data: dict, where: str, source: str):
+def _build(cls, data: Any, prefix: str, issues: list[Issue]):
+    """The dataclass from a mapping; every unknown key and bad value becomes an issue (and keeps its default)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{where or 'top level'}' must be a mapping, got {data!r}.")
+        issues.append(Issue(prefix.rstrip("."), f"'{prefix.rstrip('.') or 'top level'}' must be a mapping, "
+                                                f"got {data!r}."))
+        return cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        full = f"{where}{key}"
-        if key not in names:
-            raise ConfigError(f"{source}: unknown key '{full}'.{_closest(full, all_keys())}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, f"{full}.", source)
+        full = f"{prefix}{key}"
+        if key not in names and "=" in str(key):
+            issues.append(Issue(full, f"key '{key}' looks like an override; write it as 'key: value' in YAML."))
+        elif key not in names:
+            issues.append(Issue(full, f"unknown key '{full}'.{_closest(full, all_keys())}"))
+        elif dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, f"{full}.", issues)
         else:
-            kwargs[key] = _coerce(value, hint, f"{source}: {full}")
+            try:
+                kwargs[key] = _coerce(value, hints[key], full)
+            except ConfigError as e:
+                issues.append(Issue(full, str(e)))
     return cls(**kwargs)
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.learning_rate=2e-4).")
-    key, raw = item.split("=", 1)
+def parse_override(text: str) -> Override:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.learning_rate=2e-4).")
+    key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)  # YAML 1.1 reads '2e-4' as text
-    return key.strip().split("."), value
+    keys = key.strip().split(".")
+    if len(keys) < 2:
+        raise ConfigError(f"override '{text}': keys have a section, like train.{keys[0]}."
+                          f"{_closest(keys[0], all_keys())}")
+    return Override(text, keys, value)
 
 
 def _looks_like_float(text: str) -> bool:
@@ -297,147 +376,237 @@ def _looks_like_float(text: str) -> bool:
         return False
 
 
-def load_config(path: Optional[str | os.PathLike], overrides: list[str] = ()) -> Config:
-    """Read a recipe YAML, apply dotted overrides, return a validated Config."""
+def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> line of a YAML document, counted from 1 as editors do."""
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            lines[prefix + str(k.value)] = k.start_mark.line + 1
+            lines.update(_key_lines(v, f"{prefix}{k.value}."))
+    return lines
+
+
+def load_config(recipe: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
+    """A recipe (a YAML file or a shipped recipe's name; None: the defaults) plus dotted overrides, validated.
+    Raises one ConfigError that lists every problem, each with its file and line or override."""
     data: dict = {}
-    source = "defaults"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe file {p} does not exist. Pass --config with a YAML file from recipes/.")
+    where: dict[str, str] = {}
+    if recipe is not None:
+        p = recipe_path(recipe)
+        text = p.read_text(encoding="utf-8")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(text) or {}
+            where = {k: f"{p}, line {n}" for k, n in _key_lines(yaml.compose(text)).items()}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        source = str(p)
-    for item in overrides:
-        keys, value = parse_override(item)
-        if len(keys) < 2:
-            raise ConfigError(f"override '{item}': keys have a section, like train.{keys[0]}.{_closest(keys[0], all_keys())}")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: a recipe is a mapping of sections (model:, lora:, train:, ...), got "
+                              f"{type(data).__name__}.")
+    issues: list[Issue] = []
+    for text in overrides:
+        try:
+            o = parse_override(text)
+        except ConfigError as e:
+            issues.append(Issue("", str(e)))
+            continue
         node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
+        for i, k in enumerate(o.keys[:-1]):
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{k}' is not a section.")
-        node[keys[-1]] = value
-    for k in (k for k in list(data) if "=" in str(k)):
-        raise ConfigError(f"{source}: key '{k}' looks like an override; write it as 'key: value' in YAML.")
-    cfg = _build(Config, data, "", source if not overrides else f"{source} + overrides")
-    validate(cfg)
+                issues.append(Issue("", f"override '{text}': '{k}' is not a section."))
+                break
+            where.setdefault(".".join(o.keys[:i + 1]), f"override '{text}'")
+        else:
+            node[o.keys[-1]] = o.value
+            where[".".join(o.keys)] = f"override '{text}'"
+    cfg = _build(Config, data, "", issues)
+    bad_values = {i.key for i in issues}
+    issues += [i for i in validation_issues(cfg) if i.key not in bad_values]
+    if issues:
+        raise ConfigError(*[_located(i, where) for i in issues])
     return cfg
 
 
-# ---------------------------------------------------------------- validation
-
-def _check(cond: bool, msg: str):
-    if not cond:
-        raise ConfigError(msg)
-
-
-def validate(cfg: Config) -> None:
-    """Ranges and combinations; everything that needs no weights and no data."""
-    m, lo, t, d = cfg.model, cfg.lora, cfg.train, cfg.data
-    _check(bool(m.name.strip()), "model.name is empty: give a Hub id or a local model folder.")
-    if m.name.startswith("random:"):
-        from kit.tiny import SHAPES
-        _check(m.name[7:] in SHAPES, f"model.name: unknown random shape '{m.name[7:]}'; use one of "
-               + ", ".join(f"random:{s}" for s in SHAPES) + ".")
-    _check(16 <= m.max_seq_length <= 131072, f"model.max_seq_length={m.max_seq_length}: use 16..131072 "
-           "(the guide: 512-4096 for chat fine-tuning).")
-    _check(1 <= lo.r <= 512, f"lora.r={lo.r}: use 1..512 (8-64 is usual).")
-    _check(lo.alpha > 0, f"lora.alpha={lo.alpha}: must be > 0.")
-    _check(0.0 <= lo.dropout < 1.0, f"lora.dropout={lo.dropout}: use 0 <= dropout < 1.")
-    if isinstance(lo.target_modules, str):
-        _check(lo.target_modules in TARGET_PRESETS, f"lora.target_modules='{lo.target_modules}': use "
-               f"{' or '.join(TARGET_PRESETS)} or a list of module names.")
-    else:
-        _check(bool(lo.target_modules), "lora.target_modules is empty.")
-        bad = [x for x in lo.target_modules if x not in ALL_LINEAR]
-        _check(not bad, f"lora.target_modules: {bad} are not Llama linear projections; choose from {ALL_LINEAR}"
-               " (embed_tokens/lm_head go in lora.modules_to_save).")
-    unservable = (["use_dora (vLLM does not serve DoRA adapters)"] if lo.use_dora else []) + \
-        ([f"bias='{lo.bias}' (vLLM serves LoRA adapters without bias)"] if lo.bias != "none" else []) + \
-        ([f"modules_to_save={lo.modules_to_save} (vLLM does not load fully trained modules from an adapter)"]
-         if lo.modules_to_save else [])
-    _check(not unservable or lo.allow_unservable,
-           "lora: " + "; ".join(unservable) + ". The adapter could not be served by vLLM. Set "
-           "lora.allow_unservable=true to train it anyway and serve the merged export instead.")
-    for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-              "logging_steps", "save_steps"):
-        _check(getattr(t, k) >= 1, f"train.{k}={getattr(t, k)}: must be >= 1.")
-    _check(t.max_steps > 0 or t.num_train_epochs > 0, "train: set num_train_epochs > 0 or max_steps > 0.")
-    _check(t.max_steps == -1 or t.max_steps > 0, f"train.max_steps={t.max_steps}: use -1 (epochs) or > 0.")
-    _check(0 < t.learning_rate <= 1e-2, f"train.learning_rate={t.learning_rate}: expected 0 < lr <= 1e-2 "
-           "(the guide: 1e-6..1e-3, start at 1e-4).")
-    _check(not (t.warmup_ratio is not None and t.warmup_steps is not None),
-           "train: warmup_ratio and warmup_steps are both set; keep one (ratio of total steps, or steps).")
-    _check(t.warmup_ratio is None or 0 <= t.warmup_ratio < 1, f"train.warmup_ratio={t.warmup_ratio}: use 0..1.")
-    _check(t.warmup_steps is None or t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0.")
-    _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0.")
-    _check(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 disables clipping).")
-    _check(t.eval_steps is None or t.eval_steps >= 1, f"train.eval_steps={t.eval_steps}: must be >= 1.")
-    _check(t.save_total_limit is None or t.save_total_limit >= 1,
-           f"train.save_total_limit={t.save_total_limit}: must be >= 1 or null (keep all).")
-    _check(t.overfit_patience >= 1, f"train.overfit_patience={t.overfit_patience}: must be >= 1.")
-    has_eval = d.eval_ratio > 0 or d.eval_path is not None or d.eval_split is not None
-    _check(t.eval_strategy == "no" or has_eval,
-           f"train.eval_strategy='{t.eval_strategy}' but there is no eval data: set data.eval_ratio > 0, "
-           "data.eval_path or data.eval_split, or train.eval_strategy=no.")
-    if t.early_stopping_patience is not None:
-        _check(t.early_stopping_patience >= 1, "train.early_stopping_patience must be >= 1.")
-        _check(t.eval_strategy != "no", "train.early_stopping_patience needs evaluation: set train.eval_strategy.")
-        _check(t.save_strategy == t.eval_strategy,
-               f"train.early_stopping_patience keeps the best checkpoint, so save_strategy "
-               f"('{t.save_strategy}') must equal eval_strategy ('{t.eval_strategy}').")
-        if t.eval_strategy == "steps":
-            _check(t.save_steps % (t.eval_steps or t.logging_steps) == 0,
-                   "train.early_stopping_patience: save_steps must be a multiple of eval_steps.")
-    _check(not (t.packing and m.backend == "hf"),
-           "train.packing=true with model.backend=hf: transformers' SDPA attention would let packed examples "
-           "attend to each other. Use model.backend=unsloth (its varlen kernels keep them apart) or packing=false.")
-    _check(0 <= d.eval_ratio < 1, f"data.eval_ratio={d.eval_ratio}: use 0 <= ratio < 1.")
-    _check(d.max_examples is None or d.max_examples >= 1, "data.max_examples must be >= 1.")
-    from kit.data import FIELD_NAMES
-    bad = [k for k in d.fields if k not in FIELD_NAMES]
-    _check(not bad, f"data.fields: unknown field {bad}; map these kit fields to your columns: {FIELD_NAMES}.")
-    from kit.export import FORMATS, QUANTS
-    bad = [f for f in cfg.export.formats if f not in FORMATS]
-    _check(not bad, f"export.formats: {bad} unknown; use {' and/or '.join(FORMATS)}.")
-    _check(cfg.export.gguf_quant in QUANTS, f"export.gguf_quant='{cfg.export.gguf_quant}': use one of {', '.join(QUANTS)}.")
-    _check(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
-           f"run.name='{cfg.run.name}': use a plain folder name.")
-
-
-def check_device(cfg: Config, cuda: bool, bf16_ok: bool) -> None:
-    """Combinations that depend on the hardware; still before any weights load."""
-    t, m = cfg.train, cfg.model
-    if not cuda:
-        _check(t.optim not in CUDA_ONLY_OPTIMIZERS,
-               f"train.optim='{t.optim}' needs bitsandbytes on a CUDA GPU and none is present. "
-               "Use train.optim=adamw_torch (or adafactor) on this machine.")
-        _check(not m.load_in_4bit, "model.load_in_4bit=true (QLoRA) needs a CUDA GPU and none is present. "
-               "Use model.load_in_4bit=false on this machine.")
-        _check(m.precision != "fp16", "model.precision=fp16 needs a CUDA GPU; use auto, bf16 or fp32 on CPU.")
-        _check(not t.packing, "train.packing=true needs a CUDA GPU: packed examples are kept apart by "
-               "FlashAttention's variable-length kernels, which CPUs lack. Set train.packing=false here.")
-    else:
-        _check(m.precision != "bf16" or bf16_ok, "model.precision=bf16: this GPU does not support bf16 "
-               "(Ampere or newer does); use precision=fp16 (with loss scaling) or auto.")
+def _located(issue: Issue, where: dict[str, str]) -> str:
+    key = issue.key
+    while key and key not in where:
+        key = key.rpartition(".")[0]
+    return f"{where[key]}: {issue.message}" if key else issue.message
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------- validation, one validator per section
+
+def _model_issues(cfg: Config) -> Iterator[Issue]:
+    m = cfg.model
+    if not m.name.strip():
+        yield Issue("model.name", "model.name is empty: give a Hub id or a local model folder.")
+    if m.random_shape is not None and m.random_shape not in SHAPES:
+        yield Issue("model.name", f"model.name: unknown random shape '{m.random_shape}'; use one of "
+                    + ", ".join(f"{RANDOM}{s}" for s in SHAPES) + ".")
+    if not 16 <= m.max_seq_length <= 131072:
+        yield Issue("model.max_seq_length", f"model.max_seq_length={m.max_seq_length}: use 16..131072 "
+                    "(the guide: 512-4096 for chat fine-tuning).")
+
+
+def _lora_issues(cfg: Config) -> Iterator[Issue]:
+    lo = cfg.lora
+    if not 1 <= lo.r <= 512:
+        yield Issue("lora.r", f"lora.r={lo.r}: use 1..512 (8-64 is usual).")
+    if lo.alpha <= 0:
+        yield Issue("lora.alpha", f"lora.alpha={lo.alpha}: must be > 0.")
+    if not 0.0 <= lo.dropout < 1.0:
+        yield Issue("lora.dropout", f"lora.dropout={lo.dropout}: use 0 <= dropout < 1.")
+    if isinstance(lo.target_modules, str):
+        if lo.target_modules not in TARGET_PRESETS:
+            yield Issue("lora.target_modules", f"lora.target_modules='{lo.target_modules}': use "
+                        f"{' or '.join(TARGET_PRESETS)} or a list of module names.")
+    elif not lo.target_modules:
+        yield Issue("lora.target_modules", "lora.target_modules is empty.")
+    elif bad := [x for x in lo.target_modules if x not in PROJECTIONS]:
+        yield Issue("lora.target_modules", f"lora.target_modules: {bad} are not Llama linear projections; choose "
+                    f"from {list(PROJECTIONS)} (embed_tokens/lm_head go in lora.modules_to_save).")
+    unservable = (["use_dora (vLLM does not serve DoRA adapters)"] if lo.use_dora else []) + \
+        ([f"bias='{lo.bias}' (vLLM serves LoRA adapters without bias)"] if lo.bias != "none" else []) + \
+        ([f"modules_to_save={lo.modules_to_save} (vLLM does not load fully trained modules from an adapter)"]
+         if lo.modules_to_save else [])
+    if unservable and not lo.allow_unservable:
+        yield Issue("lora", "lora: " + "; ".join(unservable) + ". The adapter could not be served by vLLM. Set "
+                    "lora.allow_unservable=true to train it anyway and serve the merged export instead.")
+
+
+def _train_issues(cfg: Config) -> Iterator[Issue]:
+    t = cfg.train
+    for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+              "logging_steps", "save_steps"):
+        if getattr(t, k) < 1:
+            yield Issue(f"train.{k}", f"train.{k}={getattr(t, k)}: must be >= 1.")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        yield Issue("train.num_train_epochs", "train: set num_train_epochs > 0 or max_steps > 0.")
+    if t.max_steps != -1 and t.max_steps <= 0:
+        yield Issue("train.max_steps", f"train.max_steps={t.max_steps}: use -1 (epochs) or > 0.")
+    if not 0 < t.learning_rate <= 1e-2:
+        yield Issue("train.learning_rate", f"train.learning_rate={t.learning_rate}: expected 0 < lr <= 1e-2 "
+                    "(the guide: 1e-6..1e-3, start at 1e-4).")
+    if t.warmup_ratio is not None and t.warmup_steps is not None:
+        yield Issue("train.warmup_steps", "train: warmup_ratio and warmup_steps are both set; keep one (ratio of "
+                    "total steps, or steps).")
+    if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
+        yield Issue("train.warmup_ratio", f"train.warmup_ratio={t.warmup_ratio}: use 0..1.")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        yield Issue("train.warmup_steps", f"train.warmup_steps={t.warmup_steps}: must be >= 0.")
+    if t.weight_decay < 0:
+        yield Issue("train.weight_decay", f"train.weight_decay={t.weight_decay}: must be >= 0.")
+    if t.max_grad_norm < 0:
+        yield Issue("train.max_grad_norm", f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 disables "
+                    "clipping).")
+    if t.eval_steps is not None and t.eval_steps < 1:
+        yield Issue("train.eval_steps", f"train.eval_steps={t.eval_steps}: must be >= 1.")
+    if t.save_total_limit is not None and t.save_total_limit < 1:
+        yield Issue("train.save_total_limit", f"train.save_total_limit={t.save_total_limit}: must be >= 1 or null "
+                    "(keep all).")
+    if t.overfit_patience < 1:
+        yield Issue("train.overfit_patience", f"train.overfit_patience={t.overfit_patience}: must be >= 1.")
+    if t.early_stopping_patience is not None:
+        if t.early_stopping_patience < 1:
+            yield Issue("train.early_stopping_patience", "train.early_stopping_patience must be >= 1.")
+        if t.eval_strategy == "no":
+            yield Issue("train.early_stopping_patience", "train.early_stopping_patience needs evaluation: set "
+                        "train.eval_strategy.")
+        elif t.save_strategy != t.eval_strategy:
+            yield Issue("train.save_strategy", f"train.early_stopping_patience keeps the best checkpoint, so "
+                        f"save_strategy ('{t.save_strategy}') must equal eval_strategy ('{t.eval_strategy}').")
+        elif t.eval_strategy == "steps" and t.save_steps % (t.eval_steps or t.logging_steps) != 0:
+            yield Issue("train.save_steps", "train.early_stopping_patience: save_steps must be a multiple of "
+                        "eval_steps.")
+
+
+def _data_issues(cfg: Config) -> Iterator[Issue]:
+    d = cfg.data
+    if not 0 <= d.eval_ratio < 1:
+        yield Issue("data.eval_ratio", f"data.eval_ratio={d.eval_ratio}: use 0 <= ratio < 1.")
+    if d.max_examples is not None and d.max_examples < 1:
+        yield Issue("data.max_examples", "data.max_examples must be >= 1.")
+    if bad := [k for k in d.fields if k not in FIELD_NAMES]:
+        yield Issue("data.fields", f"data.fields: unknown field {bad}; map these kit fields to your columns: "
+                    f"{FIELD_NAMES}.")
+
+
+def _export_issues(cfg: Config) -> Iterator[Issue]:
+    e = cfg.export
+    if bad := [f for f in e.formats if f not in FORMATS]:
+        yield Issue("export.formats", f"export.formats: {bad} unknown; use {' and/or '.join(FORMATS)}.")
+    if e.gguf_quant not in QUANTS:
+        yield Issue("export.gguf_quant", f"export.gguf_quant='{e.gguf_quant}': use one of {', '.join(QUANTS)}.")
+
+
+def _run_issues(cfg: Config) -> Iterator[Issue]:
+    name = cfg.run.name
+    if not name or "/" in name or name in (".", ".."):
+        yield Issue("run.name", f"run.name='{name}': use a plain folder name.")
+
+
+def _combination_issues(cfg: Config) -> Iterator[Issue]:
+    """Settings of different sections that cannot go together."""
+    t, d = cfg.train, cfg.data
+    has_eval = d.eval_ratio > 0 or d.eval_path is not None or d.eval_split is not None
+    if t.eval_strategy != "no" and not has_eval:
+        yield Issue("train.eval_strategy", f"train.eval_strategy='{t.eval_strategy}' but there is no eval data: set "
+                    "data.eval_ratio > 0, data.eval_path or data.eval_split, or train.eval_strategy=no.")
+    if t.packing and cfg.model.backend == "hf":
+        yield Issue("train.packing", "train.packing=true with model.backend=hf: transformers' SDPA attention would "
+                    "let packed examples attend to each other. Use model.backend=unsloth (its varlen kernels keep "
+                    "them apart) or packing=false.")
+
+
+VALIDATORS: tuple[Callable[[Config], Iterator[Issue]], ...] = (
+    _model_issues, _lora_issues, _train_issues, _data_issues, _export_issues, _run_issues, _combination_issues)
+
+
+def validation_issues(cfg: Config) -> list[Issue]:
+    """Ranges and combinations; everything that needs no weights and no data."""
+    return [issue for check in VALIDATORS for issue in check(cfg)]
+
+
+def check_device(cfg: Config, cuda: bool, bf16_ok: bool) -> None:
+    """Combinations that depend on the hardware; still before any weights load."""
+    t, m = cfg.train, cfg.model
+    problems = []
+    if not cuda:
+        if t.optim in CUDA_ONLY_OPTIMIZERS:
+            problems.append(f"train.optim='{t.optim}' needs bitsandbytes on a CUDA GPU and none is present. "
+                            "Use train.optim=adamw_torch (or adafactor) on this machine.")
+        if m.load_in_4bit:
+            problems.append("model.load_in_4bit=true (QLoRA) needs a CUDA GPU and none is present. "
+                            "Use model.load_in_4bit=false on this machine.")
+        if m.precision == "fp16":
+            problems.append("model.precision=fp16 needs a CUDA GPU; use auto, bf16 or fp32 on CPU.")
+        if t.packing:
+            problems.append("train.packing=true needs a CUDA GPU: packed examples are kept apart by "
+                            "FlashAttention's variable-length kernels, which CPUs lack. Set train.packing=false here.")
+    elif m.precision == "bf16" and not bf16_ok:
+        problems.append("model.precision=bf16: this GPU does not support bf16 (Ampere or newer does); use "
+                        "precision=fp16 (with loss scaling) or auto.")
+    if problems:
+        raise ConfigError(*problems)
+
+
 def describe() -> str:
     """Every key with its default and docstring, for --help-config."""
-    import ast, inspect
     lines = []
     for sect in dataclasses.fields(Config):
         cls = sect.default_factory
         docs = {}
-        tree = ast.parse(inspect.getsource(cls))
-        body = tree.body[0].body
+        body = ast.parse(inspect.getsource(cls)).body[0].body
         for a, b in zip(body, body[1:]):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
                 docs[a.target.id] = " ".join(b.value.value.split())

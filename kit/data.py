@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from kit.chat import render
+from kit import env
+from kit.errors import DataError
+from kit.template import render
 
+if TYPE_CHECKING:  # kit.config imports this module (data.fields are checked against FIELD_NAMES)
+    from datasets import Dataset
+
+    from kit.config import Config
+
+log = logging.getLogger("kit")
 FIELD_NAMES = ["instruction", "input", "output", "messages", "prompt", "completion", "text", "system"]
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SAMPLE = "kit:ko_sample"
 SAMPLE_FILE = Path(__file__).parent / "data" / "ko_sample.jsonl"
-
-
-class DataError(ValueError):
-    """A data problem, phrased for the user: which source, which row, what to do."""
 
 
 # ---------------------------------------------------------------- load
@@ -78,16 +83,14 @@ def split_eval(rows, ratio: float, seed: int, source: str):
 
 
 def _load_hub(path, split, subset, revision):
-    import os
     import datasets
     try:
-        return datasets.load_dataset(path, subset, split=split, revision=revision,
-                                     token=os.environ.get("HF_TOKEN") or None)
+        return datasets.load_dataset(path, subset, split=split, revision=revision, token=env.hf_token())
     except Exception as e:
         msg = str(e)
         offline = any(s in msg for s in ("offline", "Couldn't reach", "ConnectionError", "Failed to resolve",
                                          "Max retries", "Network is unreachable", "couldn't be found on the Hugging"))
-        if offline or os.environ.get("HF_HUB_OFFLINE") == "1":
+        if offline or env.hub_offline():
             raise DataError(f"data.path='{path}': could not reach the Hugging Face Hub to download this dataset "
                             "(no network, or HF_HUB_OFFLINE=1). Download it where there is network, or point "
                             "data.path at a local file, e.g. data.path=./my.jsonl (or kit:ko_sample).") from None
@@ -130,7 +133,8 @@ def to_messages(row: dict, fmt: str, fields: dict[str, str], system_prompt: Opti
         prompt = get("instruction") + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
         msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(get("output"))}]
     elif fmt == "prompt_completion":
-        msgs = [{"role": "user", "content": str(get("prompt"))}, {"role": "assistant", "content": str(get("completion"))}]
+        msgs = [{"role": "user", "content": str(get("prompt"))},
+                {"role": "assistant", "content": str(get("completion"))}]
     elif fmt == "text":
         msgs = [{"role": "assistant", "content": str(get("text"))}]
     else:
@@ -183,7 +187,7 @@ def tokenize(messages: list[dict], tokenizer, max_len: int, responses_only: bool
 @dataclass
 class Prepared:
     """Tokenized examples plus what the user should hear about them."""
-    dataset: object
+    dataset: Dataset
     fingerprint: str
     truncated: int = 0
     dropped_overlong: list[int] = field(default_factory=list)
@@ -226,3 +230,44 @@ def prepare(ds, tokenizer, *, fmt: str, fields: dict, system_prompt, max_len: in
     return Prepared(dataset=datasets.Dataset.from_list(out), fingerprint=h.hexdigest()[:16], truncated=truncated,
                     dropped_overlong=dropped_long, dropped_masked=dropped_masked,
                     mean_tokens=n_tokens / len(out), trained_tokens=trained)
+
+
+# ---------------------------------------------------------------- a recipe's data
+
+@dataclass
+class TrainingData:
+    """The train split and the eval split (None without evaluation), tokenized and masked."""
+    train: Prepared
+    eval: Optional[Prepared]
+
+
+def load_data(cfg: Config, tokenizer) -> TrainingData:
+    """Train and eval examples as the config asks; logs what was truncated or dropped."""
+    d = cfg.data
+    rows = load_rows(d.path, d.split, d.subset, d.revision)
+    if d.eval_path or d.eval_split:
+        eval_rows = load_rows(d.eval_path or d.path, d.eval_split or "train", d.subset, d.revision)
+    elif d.eval_ratio > 0 and cfg.train.eval_strategy != "no":
+        rows, eval_rows = split_eval(rows, d.eval_ratio, cfg.train.seed, d.path)
+    else:
+        eval_rows = None
+    if d.max_examples:
+        rows = rows.select(range(min(d.max_examples, len(rows))))
+    common = dict(fmt=d.format, fields=d.fields, system_prompt=d.system_prompt, max_len=cfg.model.max_seq_length,
+                  responses_only=d.train_on_responses_only, overlong=d.overlong)
+    data = TrainingData(
+        train=prepare(rows, tokenizer, source=d.path, **common),
+        eval=prepare(eval_rows, tokenizer, source=d.eval_path or f"{d.path} (eval)", **common) if eval_rows else None)
+    for name, p in (("train", data.train), ("eval", data.eval)):
+        if p is None:
+            continue
+        if p.truncated:
+            log.warning(f"{name}: {p.truncated} example(s) longer than max_seq_length={cfg.model.max_seq_length} "
+                        "were truncated (data.overlong=drop drops them instead).")
+        if p.dropped_overlong:
+            log.warning(f"{name}: dropped {len(p.dropped_overlong)} over-long example(s), "
+                        f"rows {p.dropped_overlong[:10]}")
+        if p.dropped_masked:
+            log.warning(f"{name}: dropped {len(p.dropped_masked)} example(s) with no trainable token left, "
+                        f"rows {p.dropped_masked[:10]}")
+    return data

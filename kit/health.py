@@ -1,13 +1,14 @@
 """Container health: healthy when nothing listens on KIT_HEALTH_PORT (training, export), or when the
 server listening there answers /health with 200."""
-import os
 import socket
 import sys
 import urllib.request
 
+from kit import env
+
 
 def main() -> int:
-    port = int(os.environ.get("KIT_HEALTH_PORT", "8000"))
+    port = env.health_port()
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", port)) != 0:
             return 0

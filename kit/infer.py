@@ -2,24 +2,21 @@
 user or a serving stack would load it."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from kit.chat import STOP_TOKEN_IDS
+from kit.llama import STOP_TOKEN_IDS
+from kit.rundir import read_adapter
 
 
 def load_adapter_model(run_dir: Path, dtype: str = "float32"):
-    """(model, tokenizer) from RUN_DIR/adapter on top of the base model it names."""
+    """(model, tokenizer): the run's adapter on top of the 16-bit base it applies to."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    adapter = Path(run_dir) / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: no adapter_config.json; train the run first or check the path.")
-    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
-    model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    return model, AutoTokenizer.from_pretrained(str(adapter))
+    adapter = read_adapter(run_dir)
+    model = AutoModelForCausalLM.from_pretrained(adapter.base, dtype=getattr(torch, dtype))
+    model = PeftModel.from_pretrained(model, str(adapter.path)).eval()
+    return model, AutoTokenizer.from_pretrained(str(adapter.path))
 
 
 def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:

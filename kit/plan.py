@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from kit.config import Config
+from kit.rundir import checkpoint_name
 
 
 @dataclass
@@ -79,5 +80,5 @@ def make_plan(cfg: Config, examples: int, eval_examples: int = 0, devices: int =
         mean_tokens = None  # packed rows are full: the bound is the figure
     return Plan(examples=examples, eval_examples=eval_examples, devices=devices, effective_batch=per_step,
                 steps_per_epoch=steps_per_epoch, total_steps=total, epochs=epochs, warmup_steps=warmup,
-                eval_at=eval_at, checkpoints=[f"checkpoint-{s}" for s in save_at],
+                eval_at=eval_at, checkpoints=[checkpoint_name(s) for s in save_at],
                 max_tokens_per_step=per_step * cfg.model.max_seq_length, mean_tokens_per_step=mean_tokens)

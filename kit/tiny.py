@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kit.chat import BOS_ID, STOP_TOKEN_IDS, VOCAB_SIZE
+from kit.io import atomic_dir
+from kit.llama import BOS_ID, STOP_TOKEN_IDS, VOCAB_SIZE
+from kit.template import generation_config, load_tokenizer
 
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -37,8 +39,6 @@ def build_random_model(shape: str, seed: int, out: Path) -> Path:
     `out` atomically; an existing complete copy is reused, so the same seed gives the same model."""
     import torch
     from transformers import LlamaForCausalLM
-    from kit.chat import generation_config, load_tokenizer
-    from kit.io import atomic_dir
 
     if (out / "config.json").exists():
         return out

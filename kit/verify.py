@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from kit.chat import PAD_ID, STOP_TOKEN_IDS
+from kit import env
+from kit.llama import PAD_ID, STOP_TOKEN_IDS
+from kit.rundir import RunDir
 
 PROMPTS = ["대한민국의 수도는 어디인가요?", "배치 크기란 무엇인가요?", "LoRA를 한 문장으로 설명해 주세요.",
            "What is the capital of France?", "1 더하기 1은?"]
@@ -86,22 +88,24 @@ def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] =
            prompts: list[str] = PROMPTS, max_new: int = 32) -> list[Result]:
     import torch
     from transformers import AutoModelForCausalLM
+
     from kit.infer import load_adapter_model
-    ref_model, tok = load_adapter_model(run_dir)
+    run = RunDir(Path(run_dir))
+    ref_model, tok = load_adapter_model(run.path)
     refs = []
     for p in prompts:
         ids = prompt_ids(tok, p)
         cont, logits = hf_run(ref_model, ids, max_new)
         refs.append((ids, cont, logits))
     results = []
-    merged = Path(run_dir) / "export" / "merged16"
-    if (merged / "config.json").is_file():
-        m = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    if (run.merged16 / "config.json").is_file():
+        m = AutoModelForCausalLM.from_pretrained(run.merged16, dtype=torch.float32).eval()
         results.append(_compare("merged16", refs, lambda ids, seq: hf_run(m, ids, max_new, seq)))
-    for gguf_file in sorted((Path(run_dir) / "export").glob("gguf-*/*.gguf")):
+    for gguf_file in run.gguf_files():
         import llama_cpp
         llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=1024, logits_all=True, verbose=False)
-        results.append(_compare(gguf_file.parent.name, refs, lambda ids, seq: gguf_run(llm, ids, max_new, seq)))
+        results.append(_compare(gguf_file.parent.name, refs,
+                                lambda ids, seq, llm=llm: gguf_run(llm, ids, max_new, seq)))
     if url:
         results.append(_server(url, model_name, tok, prompts, refs, max_new))
     return results
@@ -119,9 +123,8 @@ def _compare(target: str, refs, run_one) -> Result:
 
 
 def _server(url, model_name, tok, prompts, refs, max_new) -> Result:
-    import os
     import openai
-    client = openai.OpenAI(base_url=url, api_key=os.environ.get("KIT_API_KEY") or "none")
+    client = openai.OpenAI(base_url=url, api_key=env.api_key() or "none")
     agrees, stops = [], []
     for p, (_, cont, _) in zip(prompts, refs):
         r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": p}],

@@ -1,10 +1,10 @@
 import os
-import sys
-from pathlib import Path
+import shutil
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ASSETS, run_recipe
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,33 +22,34 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from kit.chat import load_tokenizer
+    from kit.template import load_tokenizer
     return load_tokenizer("bundled")
-
-
-def run_recipe(args, cwd, timeout=1200, check=True):
-    """Run the recipe as a user does, in a subprocess; returns CompletedProcess."""
-    import subprocess
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    res = subprocess.run([sys.executable, "-m", "kit.recipes.llama31_sft", *args], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise AssertionError(f"recipe failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
-    return res
 
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """The README's demo, exactly as configured, trained once per session into a temporary runs/."""
     cwd = tmp_path_factory.mktemp("demo")
-    res = run_recipe(["--config", str(ROOT / "recipes" / "demo.yaml"), f"run.output_dir={cwd / 'runs'}"], cwd=cwd)
+    res = run_recipe(["--config", "demo", f"run.output_dir={cwd / 'runs'}"], cwd=cwd)
     return cwd / "runs" / "demo", res
 
 
-def train_rows(run_dir):
-    """The demo's training rows (its eval split held out), as the recipe split them."""
-    from kit.config import load_config
-    from kit.data import load_rows, split_eval
-    cfg = load_config(run_dir / "config.yaml")
-    rows, _ = split_eval(load_rows(cfg.data.path), cfg.data.eval_ratio, cfg.train.seed, cfg.data.path)
-    return rows
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A random-weight model of kit.tiny's 'tiny' shape (the demo's base), built once per session."""
+    from kit.tiny import build_random_model
+    return build_random_model("tiny", 0, tmp_path_factory.mktemp("tiny") / "base-model")
+
+
+@pytest.fixture
+def adapter_run(tmp_path, tiny_base, tokenizer):
+    """A run directory for tests that need an adapter but not a trained one: the KB-sized LoRA adapter of
+    tests/assets/adapter (PEFT, r=4 on the 7 projections of the 'tiny' shape, as initialised), pointed at
+    the session's tiny base, with the tokenizer and the demo recipe's config.yaml."""
+    from kit.config import load_config, to_yaml
+    from tests.helpers import edit_adapter_config
+    run = tmp_path / "run"
+    shutil.copytree(ASSETS / "adapter", run / "adapter")
+    tokenizer.save_pretrained(run / "adapter")
+    (run / "config.yaml").write_text(to_yaml(load_config("demo")))
+    return edit_adapter_config(run, base_model_name_or_path=str(tiny_base))

@@ -19,7 +19,7 @@ def test_no_alarm_when_train_loss_also_rises_or_eval_recovers():
 
 
 def test_incomplete_checkpoints_are_set_aside_not_resumed(tmp_path):
-    from kit.callbacks import COMPLETE, complete_checkpoints
+    from kit.rundir import COMPLETE, complete_checkpoints
     for step, done in [(4, True), (8, True), (12, False)]:
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()

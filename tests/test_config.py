@@ -1,26 +1,34 @@
+import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 
-from kit.config import ConfigError, all_keys, check_device, load_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from kit.config import RECIPES, TRAIN_KIT_ONLY, ConfigError, TrainConfig, all_keys, check_device, load_config
+from tests.helpers import ROOT
 
 
 def test_recipe_files_load_with_guide_values():
-    cfg = load_config(ROOT / "recipes/llama31_sft.yaml")
+    cfg = load_config("llama31_sft")
     t = cfg.train
     assert cfg.model.name == "meta-llama/Llama-3.1-8B-Instruct" and cfg.model.load_in_4bit
     assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.num_train_epochs) == (8, 4, 3)
     assert t.learning_rate == 1e-4 and t.warmup_ratio == 0.1 and t.optim == "adamw_torch"
     assert cfg.data.path == "beomi/KoAlpaca-v1.1a"
-    demo = load_config(ROOT / "recipes/demo.yaml")
+    demo = load_config("demo")
     assert demo.model.name == "random:tiny" and demo.data.path == "kit:ko_sample"
 
 
+def test_recipes_are_found_by_name_by_file_and_as_recipes_slash_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the shipped ones are found in the package
+    by_name = load_config("demo")
+    assert load_config("recipes/demo.yaml") == by_name == load_config(RECIPES / "demo.yaml")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "demo.yaml").write_text("run:\n  name: mine\n")
+    assert load_config("recipes/demo.yaml").run.name == "mine"  # a file that exists is always the one read
+
+
 def test_dotted_overrides_change_fields_and_parse_numbers():
-    cfg = load_config(ROOT / "recipes/llama31_sft.yaml",
+    cfg = load_config("llama31_sft",
                       ["train.learning_rate=2e-4", "lora.r=32", "data.path=./my.jsonl", "lora.target_modules=qkv",
                        "data.fields={instruction: question, output: answer}"])
     assert cfg.train.learning_rate == 2e-4 and isinstance(cfg.train.learning_rate, float)
@@ -46,6 +54,21 @@ def test_unknown_key_in_yaml_names_file_and_closest(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(f)
     assert str(f) in str(e.value) and "train.num_train_epochs" in str(e.value)
+    assert str(e.value).startswith(f"{f}, line 2: unknown key 'train.num_train_epoch'")
+
+
+def test_every_problem_is_reported_at_once_with_its_file_line_or_override(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("model:\n  name: random:tiny\nlora:\n  rank: 8\n  dropout: 1.5\ntrain:\n  learning_rate: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f, ["train.optim=adamw", "data.eval_ratio=2"])
+    lines = str(e.value).splitlines()
+    assert lines[0] == "5 problems in the configuration:" and len(lines) == 6
+    assert [line.split(".", 1)[0].strip() for line in lines[1:]] == ["1", "2", "3", "4", "5"]
+    for expected in [f"{f}, line 4: unknown key 'lora.rank'", f"{f}, line 5: lora.dropout=1.5",
+                     f"{f}, line 7: train.learning_rate=5.0", "override 'train.optim=adamw': train.optim",
+                     "override 'data.eval_ratio=2': data.eval_ratio=2.0"]:
+        assert sum(expected in line for line in lines) == 1, (expected, lines)
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -107,9 +130,31 @@ def test_missing_recipe_file_is_a_clear_error(tmp_path):
 
 def test_every_config_field_is_read_by_the_code():
     source = "\n".join(p.read_text() for p in (ROOT / "kit").rglob("*.py") if p.name != "config.py")
-    source += (ROOT / "kit/config.py").read_text().split("def validate")[1]
-    unread = [k for k in all_keys() if not re.search(rf"\.{k.split('.')[-1]}\b", source)]
+    source += (ROOT / "kit/config.py").read_text().split("# " + "-" * 64 + " validation")[1]
+    passed_through = {f"train.{k}" for k in TrainConfig().training_arguments()}  # read by TRL, by name
+    unread = [k for k in all_keys()
+              if k not in passed_through and not re.search(rf"\.{k.split('.')[-1]}\b", source)]
     assert not unread, f"config fields no code reads: {unread}"
+
+
+def test_train_fields_pass_through_to_sft_config_by_name_or_are_kit_only():
+    from trl import SFTConfig
+
+    from kit.backend import Backend, Device
+    from kit.rundir import RunDir
+    from kit.train import sft_config
+    sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in TRAIN_KIT_ONLY or f.name in sft_fields, f"train.{f.name}: not an SFTConfig field, not kit-only"
+    cfg = load_config(None, ["train.per_device_eval_batch_size=3", "train.lr_scheduler_type=cosine",
+                             "train.weight_decay=0.01", "train.save_total_limit=2", "train.seed=7",
+                             "train.warmup_ratio=0.2", "train.max_steps=9", "train.eval_steps=5"])
+    args = sft_config(cfg, Backend("hf", Device("cpu", "cpu", False), "fp32"), RunDir(ROOT / "runs" / "unused"))
+    passed = cfg.train.training_arguments()
+    assert set(passed) == {f.name for f in dataclasses.fields(TrainConfig)} - set(TRAIN_KIT_ONLY)
+    for name, value in passed.items():
+        assert getattr(args, name) == value, name
+    assert args.warmup_steps == 0.2 and args.gradient_checkpointing is False
 
 
 def test_yaml_bare_no_means_the_strategy_no(tmp_path):

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from kit.chat import render
-from kit.data import DataError, detect_format, load_rows, prepare, to_messages, tokenize
+from kit.data import DataError, detect_format, load_data, load_rows, prepare, to_messages, tokenize
+from kit.template import render
 
 EOT, SH, EH, BOT = 128009, 128006, 128007, 128000
 
@@ -50,7 +50,7 @@ def test_labels_mask_everything_but_assistant_turns_exact_positions(tokenizer):
         assert ids[start + len(ans)] == EOT
         expected |= set(range(start, start + len(ans) + 1))
         i = start
-    trained = {i for i, l in enumerate(labels) if l != -100}
+    trained = {i for i, label in enumerate(labels) if label != -100}
     assert trained == expected
     assert all(labels[i] == ids[i] for i in trained)
     # the final token is the assistant's <|eot_id|>, and it is trained
@@ -76,7 +76,7 @@ def test_formats_are_detected_and_converted(tmp_path, tokenizer, rows, fmt):
     ds = load_rows(str(f))
     assert detect_format(ds.column_names, {}) == fmt
     p = _prep(f, tokenizer)
-    assert len(p.dataset) == 1 and any(l != -100 for l in p.dataset[0]["labels"])
+    assert len(p.dataset) == 1 and any(label != -100 for label in p.dataset[0]["labels"])
 
 
 def test_alpaca_input_field_system_prompt_and_field_mapping():
@@ -161,16 +161,15 @@ def test_sample_dataset_ships_a_few_hundred_korean_pairs(tokenizer):
 
 def test_eval_from_a_separate_file_or_a_held_out_ratio(tmp_path, tokenizer):
     from kit.config import load_config
-    from kit.recipes.llama31_sft import load_data
     rows = [{"instruction": f"질문 {i}", "output": f"답 {i}"} for i in range(20)]
     train_f, eval_f = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train_f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
     eval_f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows[:3]))
     cfg = load_config(None, [f"data.path={train_f}", f"data.eval_path={eval_f}", "model.max_seq_length=128"])
-    train, evals = load_data(cfg, tokenizer)
-    assert len(train.dataset) == 20 and len(evals.dataset) == 3
+    data = load_data(cfg, tokenizer)
+    assert len(data.train.dataset) == 20 and len(data.eval.dataset) == 3
     cfg = load_config(None, [f"data.path={train_f}", "data.eval_ratio=0.25", "model.max_seq_length=128"])
-    train, evals = load_data(cfg, tokenizer)
-    assert len(train.dataset) == 15 and len(evals.dataset) == 5
+    data = load_data(cfg, tokenizer)
+    assert len(data.train.dataset) == 15 and len(data.eval.dataset) == 5
     cfg = load_config(None, [f"data.path={train_f}", "data.eval_ratio=0", "train.eval_strategy=no"])
-    assert load_data(cfg, tokenizer)[1] is None
+    assert load_data(cfg, tokenizer).eval is None

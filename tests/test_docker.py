@@ -7,7 +7,8 @@ import subprocess
 import pytest
 
 IMAGE = "localhost/kit:cpu"
-RUN = ["podman", "run", "--rm", "--runtime", "runc", "--shm-size", "1g", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
+RUN = ["podman", "run", "--rm", "--runtime", "runc", "--shm-size", "1g", "--ulimit", "nofile=20000:20000",
+       "--ulimit", "nproc=4096:4096"]
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ def _image_ready() -> str | None:
 def test_demo_trains_serves_and_answers_inside_the_container():
     script = r"""
 set -e
-kit train --config /opt/kit/recipes/demo.yaml run.output_dir=/runs > /tmp/train.log 2>&1 || { tail -30 /tmp/train.log; exit 1; }
+kit train --config demo run.output_dir=/runs > /tmp/train.log 2>&1 || { tail -30 /tmp/train.log; exit 1; }
 grep -A14 'training finished' /tmp/train.log
 kit serve /runs/demo --port 8000 > /tmp/serve.log 2>&1 &
 pid=$!

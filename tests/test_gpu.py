@@ -4,10 +4,9 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_recipe
+from tests.helpers import DEMO, run_recipe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
-DEMO = str(ROOT / "recipes" / "demo.yaml")
 SHORT = ["model.load_in_4bit=true", "train.max_steps=30", "train.logging_steps=1", "train.eval_strategy=no",
          "train.save_strategy=no", "train.learning_rate=2e-3"]
 
@@ -19,7 +18,8 @@ def test_qlora_trains_on_gpu(tmp_path, backend, optim, precision, packing):
                 f"train.optim={optim}", f"model.precision={precision}", f"train.packing={packing}", *SHORT],
                cwd=tmp_path)
     run_dir = tmp_path / backend
-    losses = [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
     assert losses[-1] < losses[0]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["device"].startswith("NVIDIA") and manifest["backend"] == backend

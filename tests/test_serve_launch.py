@@ -5,6 +5,7 @@ import stat
 import pytest
 
 from kit import serve
+from kit.preflight import ServeSpec
 
 
 @pytest.fixture
@@ -14,7 +15,7 @@ def fake_vllm(tmp_path, monkeypatch):
         exe.write_text("#!/bin/sh\n" + body + "\n")
         exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
         monkeypatch.setenv("KIT_VLLM_PYTHON", str(exe))
-        return serve.Plan(base=str(tmp_path), tokenizer=str(tmp_path))
+        return ServeSpec(base=str(tmp_path), tokenizer=str(tmp_path))
     return make
 
 

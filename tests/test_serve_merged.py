@@ -9,10 +9,9 @@ import urllib.request
 
 import pytest
 
-from conftest import train_rows
-from kit import serve
-from kit.data import to_messages
+from kit import preflight, serve
 from kit.export import export
+from tests.helpers import question, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -23,22 +22,21 @@ def test_merged_export_served_by_vllm_gives_the_trained_answer(demo_run):
     run_dir = demo_run[0]
     if not (run_dir / "export" / "merged16" / "config.json").is_file():
         export(run_dir, "merged16")
-    p = serve.plan([run_dir], merged=True)
+    p = preflight.check([run_dir], merged=True)
     assert p.adapters == [] and p.base.endswith("export/merged16")
     assert p.max_model_len == 256  # the run's max_seq_length, as for base + adapter
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    log = open(run_dir.parent / "serve-merged.out", "w")
-    cli = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(run_dir), "--merged", "--port", str(port)],
-                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(run_dir.parent / "serve-merged.out", "w") as log:
+        cli = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(run_dir), "--merged",
+                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         serve.wait_healthy(cli, url, timeout=600)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none")
         row = train_rows(run_dir)[0]
-        question = to_messages(row, "alpaca", {}, None, "row")[0]["content"]
-        r = client.chat.completions.create(model=p.base, messages=[{"role": "user", "content": question}],
+        r = client.chat.completions.create(model=p.base, messages=[{"role": "user", "content": question(row)}],
                                            temperature=0, max_tokens=48)
         assert r.choices[0].message.content == row["output"] and r.choices[0].finish_reason == "stop"
         cli.send_signal(signal.SIGTERM)
@@ -49,9 +47,3 @@ def test_merged_export_served_by_vllm_gives_the_trained_answer(demo_run):
         if cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-9", "-f", f"api_server.*--port {port}"])  # a vLLM left behind by a failed stop
-
-
-
-def test_merged_without_export_is_refused(tmp_path):
-    with pytest.raises(serve.PreflightError, match="no merged export"):
-        serve.plan([tmp_path], merged=True)

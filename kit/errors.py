@@ -1,0 +1,37 @@
+"""The errors a user can fix. Each message says what is wrong, where and what to do; the command line
+prints it after "error:" and exits 2, without a traceback."""
+from __future__ import annotations
+
+
+class KitError(Exception):
+    """A problem in the user's input or files, phrased for the user."""
+
+
+class ConfigError(KitError, ValueError):
+    """Every configuration problem found at once, each naming where it was set (file and line, or
+    override), its key and the fix."""
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            text = self.problems[0]
+        else:
+            text = f"{len(self.problems)} problems in the configuration:" + "".join(
+                f"\n  {i}. {p}" for i, p in enumerate(self.problems, 1))
+        super().__init__(text)
+
+
+class DataError(KitError, ValueError):
+    """A data problem: which source, which row, what to do."""
+
+
+class AdapterError(KitError, ValueError):
+    """A run's adapter is missing, damaged or does not fit its base model."""
+
+
+class ExportError(KitError, ValueError):
+    """The export was not written; earlier exports are untouched."""
+
+
+class PreflightError(KitError, ValueError):
+    """The server was not started: what vLLM would refuse or get wrong, and what to do instead."""

@@ -1,0 +1,32 @@
+"""Llama 3.1 facts the kit relies on, each defined once: special tokens and their ids, the stop tokens,
+the system preamble of its chat format, the vocabulary, the linear projections (what LoRA targets and
+vLLM serves adapters for) and head_dim."""
+from __future__ import annotations
+
+BOS, EOT, EOM, EOS = "<|begin_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"
+PAD = "<|finetune_right_pad_id|>"
+BOS_ID, EOT_ID, PAD_ID = 128000, 128009, 128004
+STOP_TOKENS = {EOS: 128001, EOM: 128008, EOT: EOT_ID}  # generation ends at any of them
+STOP_TOKEN_IDS = list(STOP_TOKENS.values())
+VOCAB_SIZE = 128256
+# Meta's template writes these dates into every system turn; models were trained with them
+SYSTEM_PREAMBLE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def header(role: str) -> str:
+    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+
+def head_dim(config: dict) -> int:
+    """Per-head width from a model's config.json (older configs leave head_dim out)."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(fan_in, fan_out) of each linear projection of a decoder layer, from a model's config.json."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    q = config["num_attention_heads"] * head_dim(config)
+    kv = (config.get("num_key_value_heads") or config["num_attention_heads"]) * head_dim(config)
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}

@@ -1,0 +1,98 @@
+"""kit serve's preflight: what vLLM would refuse, or silently get wrong, checked before it starts. The
+result is a ServeSpec: what to serve, and how (kit.serve launches it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from kit.errors import PreflightError
+from kit.llama import PROJECTIONS
+from kit.rundir import Adapter, RunDir, base_config, read_adapter
+
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    name: str
+    """The model name clients ask for."""
+    adapter: Adapter
+    max_seq_length: Optional[int]
+    """The run's model.max_seq_length (None for a bare adapter folder)."""
+
+
+@dataclass
+class ServeSpec:
+    base: str
+    tokenizer: str
+    adapters: list[ServedAdapter] = field(default_factory=list)
+    max_lora_rank: Optional[int] = None
+    max_model_len: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
+    log: Optional[Path] = None
+    """Where vLLM's log goes: the run directory."""
+
+
+def check_servable(adapter: Adapter, run_dir: Path) -> None:
+    """vLLM applies plain LoRA to the Llama projections; anything else would be refused or ignored."""
+    c = adapter.config
+    problems = []
+    if c.get("use_dora"):
+        problems.append("it is a DoRA adapter, which vLLM cannot apply")
+    if c.get("bias", "none") != "none" or c.get("lora_bias"):
+        problems.append(f"it trains biases (bias={c.get('bias')}), which vLLM ignores: answers would differ")
+    if c.get("modules_to_save"):
+        problems.append(f"it carries fully trained modules {c['modules_to_save']}, which vLLM does not load")
+    targets = c.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    if bad := sorted(set(targets) - set(PROJECTIONS)):
+        problems.append(f"it targets {bad}, which vLLM's Llama LoRA does not support")
+    if problems:
+        raise PreflightError(f"{adapter.path}: " + "; ".join(problems) + ". Serve the merged model instead: "
+                             f"kit export {run_dir} --to merged16, then kit serve {run_dir} --merged.")
+
+
+def check(run_dirs: list[Path], merged: bool = False, base: Optional[str] = None,
+          max_model_len: Optional[int] = None, names: Optional[list[str]] = None) -> ServeSpec:
+    """The ServeSpec for `kit serve RUN_DIR ...`; PreflightError (or AdapterError) says what is wrong."""
+    runs = [RunDir(Path(d)) for d in run_dirs]
+    if merged:
+        if len(runs) != 1:
+            raise PreflightError("--merged serves one run's merged export; give one run directory.")
+        folder = runs[0].merged16
+        if not (folder / "config.json").is_file():
+            raise PreflightError(f"{folder}: no merged export; write it with: kit export {runs[0].path} --to merged16")
+        return ServeSpec(base=str(folder), tokenizer=str(folder),
+                         max_model_len=max_model_len or runs[0].trained_length(), log=runs[0].serve_merged_log)
+    adapters = []
+    for i, run in enumerate(runs):
+        adapter = read_adapter(run.path)
+        check_servable(adapter, run.path)
+        name = names[i] if names and i < len(names) else run.name
+        adapters.append(ServedAdapter(name, adapter, run.trained_length()))
+    if len({a.name for a in adapters}) < len(adapters):
+        raise PreflightError("two runs have the same name; name them: --name a --name b.")
+    bases = {a.adapter.base for a in adapters}
+    if len(bases) > 1 and base is None:
+        raise PreflightError(f"the adapters were trained on different bases {sorted(bases)}; one server serves "
+                             "one base: start one server per base.")
+    served = base or bases.pop()
+    notes = list(dict.fromkeys(a.adapter.note for a in adapters if a.adapter.note))
+    cfg = base_config(served)
+    for a in adapters:
+        a.adapter.check_fits(cfg, served)
+    rank = max(a.adapter.rank for a in adapters)
+    allowed = next((r for r in LORA_RANKS if r >= rank), None)
+    if allowed is None:
+        raise PreflightError(f"adapter rank {rank} exceeds vLLM's largest --max-lora-rank (512); serve merged.")
+    trained_len = max((a.max_seq_length or 0) for a in adapters) or None
+    limit = cfg.get("max_position_embeddings")
+    length = max_model_len or trained_len
+    if length and limit and length > limit:
+        raise PreflightError(f"--max-model-len {length} exceeds the base's max_position_embeddings {limit}.")
+    if max_model_len and trained_len and max_model_len < trained_len:
+        notes.append(f"--max-model-len {max_model_len} is below the runs' max_seq_length {trained_len}: prompts as "
+                     "long as the training examples will be refused.")
+    return ServeSpec(base=served, tokenizer=str(adapters[0].adapter.path), adapters=adapters, max_lora_rank=allowed,
+                     max_model_len=length, notes=notes, log=runs[0].serve_log)

@@ -1,0 +1,111 @@
+"""Training: TRL's SFTConfig from the config, the trainer with the kit's callbacks, and the run of it.
+
+Behind the import boundary (see kit.backend): the recipe imports this module once the backend is
+active, so the transformers, TRL and PEFT imported here carry Unsloth's patches when Unsloth trains.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from peft import PeftModel
+from torch.utils.tensorboard import SummaryWriter
+from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer
+from transformers.integrations import TensorBoardCallback
+from trl import SFTConfig, SFTTrainer
+from trl.data_utils import pack_dataset
+
+from kit.backend import Backend
+from kit.callbacks import MarkComplete, MetricsFile, OverfitAlarm
+from kit.config import Config
+from kit.data import TrainingData
+from kit.model import load_model
+from kit.plan import Plan, make_plan
+from kit.rundir import RunDir, tokens_seen
+
+
+@dataclass
+class Trained:
+    """What one training process produced."""
+    model: PeftModel
+    steps: int
+    """The optimizer step reached (counted from the run's start, also when resumed)."""
+    seconds: float
+    tokens: int
+    """Non-padding input tokens trained in this process."""
+    alarms: list[dict]
+    """The overfitting alarms raised (kit.callbacks.OverfitAlarm)."""
+    peak_gib: float
+    peak_kind: str
+
+
+def plan(cfg: Config, data: TrainingData, devices: int = 1) -> Plan:
+    """The step plan for this data; with packing, for the rows TRL will pack it into."""
+    examples = len(data.train.dataset)
+    if cfg.train.packing:
+        examples = len(pack_dataset(data.train.dataset, cfg.model.max_seq_length, strategy="bfd"))
+    return make_plan(cfg, examples, len(data.eval.dataset) if data.eval else 0, devices, data.train.mean_tokens)
+
+
+def sft_config(cfg: Config, backend: Backend, run: RunDir) -> SFTConfig:
+    """train.* passes through by name (TrainConfig.training_arguments); the rest is the kit's choice."""
+    t = cfg.train
+    early = t.early_stopping_patience is not None
+    return SFTConfig(
+        **t.training_arguments(), output_dir=str(run.checkpoints), data_seed=t.seed,
+        warmup_steps=t.warmup_steps if t.warmup_steps is not None else (t.warmup_ratio or 0.0),  # < 1: a ratio
+        bf16=backend.precision == "bf16", fp16=backend.precision == "fp16", use_cpu=not backend.device.cuda,
+        gradient_checkpointing=False,  # the backend enabled its own variant
+        max_length=cfg.model.max_seq_length, report_to="none",
+        load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None, include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0, disable_tqdm=False, logging_first_step=True, remove_unused_columns=True)
+
+
+def build_trainer(cfg: Config, backend: Backend, model, tokenizer, data: TrainingData, run: RunDir,
+                  alarm: OverfitAlarm) -> Trainer:
+    t = cfg.train
+    callbacks = [MetricsFile(run.metrics), alarm, MarkComplete()]
+    if t.report_to_tensorboard:
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(run.tensorboard))))
+    if t.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
+    common = dict(model=model, args=sft_config(cfg, backend, run), processing_class=tokenizer,
+                  train_dataset=data.train.dataset, eval_dataset=data.eval.dataset if data.eval else None,
+                  callbacks=callbacks)
+    if backend.name == "hf" and not backend.device.cuda:
+        # TRL's loss runs a Triton kernel (its fused LM head) that needs a GPU; on CPU the HF backend trains the
+        # same tokenized, masked examples with transformers' Trainer (Unsloth's CPU path patches TRL itself).
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        trainer = Trainer(data_collator=collator, **common)
+    else:
+        trainer = SFTTrainer(**common)
+    if backend.precision == "fp16":  # TRL casts QLoRA adapters to bf16; fp16 loss scaling needs fp32 masters
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return trainer
+
+
+def train(cfg: Config, backend: Backend, tokenizer, data: TrainingData, run: RunDir, base: str,
+          resume: Optional[Path]) -> Trained:
+    """Load `base` with LoRA and train it on `data`, from `resume` when given."""
+    model = load_model(cfg, base, backend)
+    alarm = OverfitAlarm(cfg.train.overfit_patience)
+    trainer = build_trainer(cfg, backend, model, tokenizer, data, run, alarm)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the training peak, not the load's
+    start = time.time()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.time() - start
+    if torch.cuda.is_available():
+        peak_gib, peak_kind = torch.cuda.max_memory_allocated() / 2**30, "GPU, allocated"
+    else:
+        peak_gib, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
+    return Trained(model=trainer.model, steps=trainer.state.global_step, seconds=seconds,
+                   tokens=trainer.state.num_input_tokens_seen - tokens_seen(resume), alarms=alarm.alarms,
+                   peak_gib=peak_gib, peak_kind=peak_kind)

@@ -1,0 +1,65 @@
+"""What the tests share besides fixtures (those are in conftest.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kit.config import RECIPES
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "tests" / "assets"
+DEMO = str(RECIPES / "demo.yaml")  # the shipped recipe's file, passed as a path as users may
+
+
+def run_recipe(args, cwd, timeout=1200, check=True):
+    """Run the recipe as a user does, in a subprocess; returns CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    res = subprocess.run([sys.executable, "-m", "kit.recipes.llama31_sft", *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"recipe failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+def train_rows(run_dir):
+    """The demo's training rows (its eval split held out), as the recipe split them."""
+    from kit.config import load_config
+    from kit.data import load_rows, split_eval
+    cfg = load_config(run_dir / "config.yaml")
+    rows, _ = split_eval(load_rows(cfg.data.path), cfg.data.eval_ratio, cfg.train.seed, cfg.data.path)
+    return rows
+
+
+def question(row) -> str:
+    """The user turn of a KoAlpaca row, as the recipe trained it."""
+    from kit.data import to_messages
+    return to_messages(row, "alpaca", {}, None, "row")[0]["content"]
+
+
+def edit_adapter_config(run_dir: Path, **changes) -> Path:
+    cfg_file = run_dir / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(changes)
+    cfg_file.write_text(json.dumps(cfg))
+    return run_dir
+
+
+# Two implementations (or one on AVX2, AVX-512 or a GPU) agree on logits within a tolerance, never exactly:
+# where the reference's top two logits are closer than twice that tolerance, either may win. Tests compare
+# the choices the reference makes decisively, never exact ties.
+
+def top1_margin(logits):
+    """The lead of the largest logit over the runner-up, per position (numpy or torch, last axis)."""
+    top2 = np.sort(np.asarray(logits, dtype=np.float64), axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+def decided_tokens(ref_logits, prompt_len: int, continuation: list[int], tolerance: float) -> int:
+    """How many tokens of the reference's greedy `continuation` are decided by more than 2 x tolerance
+    before its first near-tie; `ref_logits` cover prompt + continuation."""
+    margins = top1_margin(ref_logits[prompt_len - 1: prompt_len - 1 + len(continuation)])
+    close = np.flatnonzero(margins <= 2 * tolerance)
+    return int(close[0]) if close.size else len(continuation)
