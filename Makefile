@@ -27,7 +27,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/ruff check kit tests
+	$(VENV)/bin/ruff check kit tests bench
 	$(VENV)/bin/python -m pytest -q -rs tests
 
 clean:

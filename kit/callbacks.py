@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 from transformers import TrainerCallback
 
-from kit.rundir import COMPLETE, checkpoint_name
+from kit.rundir import COMPLETE, checkpoint_name, rotate_checkpoints
 
 log = logging.getLogger("kit")
 
@@ -72,13 +74,34 @@ class OverfitAlarm(TrainerCallback):
 
 
 class MarkComplete(TrainerCallback):
-    """Marks a checkpoint complete once the Trainer has written all of it (model, optimizer, RNG, state)."""
+    """Marks a checkpoint complete once the Trainer has written all of it (model, optimizer, RNG, state), then
+    keeps the newest `keep` complete ones (train.save_total_limit). The kit rotates rather than the Trainer,
+    which deletes older checkpoints before the new one is complete: a kill in between left none to resume."""
+
+    def __init__(self, keep: Optional[int] = None):
+        self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = Path(args.output_dir) / checkpoint_name(state.global_step)
+        if args.world_size > 1:  # each rank writes its own RNG state into the checkpoint: all of them first
+            args.distributed_state.wait_for_everyone()
         if ckpt.is_dir() and state.is_world_process_zero:
             with open(ckpt / COMPLETE, "w") as f:
                 f.write(f"{state.global_step}\n")
                 f.flush()
                 os.fsync(f.fileno())
+            rotate_checkpoints(ckpt.parent, self.keep, state.best_model_checkpoint)
+
+
+class RunRecord(TrainerCallback):
+    """Calls `write` (the run's record: kit.rundir.begin) once training really starts: after the Trainer has
+    loaded the model and, on resume, the checkpoint and its optimizer state, so that a run that fails to
+    start leaves the record of the earlier run as it was."""
+
+    def __init__(self, write: Callable[[], None]):
+        self.write = write
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.write()
 

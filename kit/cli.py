@@ -6,14 +6,16 @@
     kit verify RUN_DIR [--url URL --model NAME]            exports (and a server) agree with base + adapter?
     kit serve RUN_DIR [RUN_DIR ...] [--merged]             vLLM's OpenAI-compatible server
     kit chat --url URL --model NAME [--prompt TEXT]        streaming chat with a served model
+    kit adapters load URL RUN_DIR [--name NAME]            load an adapter into a running server
+    kit adapters unload URL NAME                           unload one (kit serve --allow-runtime-adapters)
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from kit import chat_client, export, serve, verify
-from kit.errors import KitError
+from kit import adapters, chat_client, export, serve, verify
+from kit.errors import KitError, exit_with
 
 
 def cmd_ask(args) -> int:
@@ -39,14 +41,14 @@ def main(argv=None) -> int:
     verify.add_arguments(sub.add_parser("verify", help="compare exports and a server against base + adapter"))
     serve.add_arguments(sub.add_parser("serve", help="serve runs with vLLM (base + adapters, or --merged)"))
     chat_client.add_arguments(sub.add_parser("chat", help="chat with a served model (OpenAI API)"))
+    adapters.add_arguments(sub.add_parser("adapters", help="load or unload adapters of a running server"))
     args = p.parse_args(argv)
     commands = {"ask": cmd_ask, "export": export.run_cli, "verify": verify.run_cli, "serve": serve.run_cli,
-                "chat": chat_client.run_cli}
+                "chat": chat_client.run_cli, "adapters": adapters.run_cli}
     try:
         return commands[args.command](args)
     except KitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_with(e)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import typing
 from collections.abc import Callable, Iterator
@@ -33,13 +34,19 @@ DEFAULT_RECIPE = "llama31_sft"
 RANDOM = "random:"  # model.name prefix of a random-weight model (kit.tiny)
 TARGET_PRESETS = {"all-linear": list(PROJECTIONS), "qkv": ["q_proj", "k_proj", "v_proj"]}
 CUDA_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+MAX_STEPS = 1_000_000  # optimizer steps a plan may count: more is a typo, and its schedule would not fit in memory
+SEEDS = range(2**32)  # what numpy's and torch's seeding accept
+NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
 # TrainConfig fields the kit applies itself; every other TrainConfig field is a TrainingArguments field of
 # the same name and meaning and reaches SFTConfig as it is.
 TRAIN_KIT_ONLY = {
     "warmup_ratio": "folded with warmup_steps into SFTConfig.warmup_steps (a value < 1 is a ratio)",
     "warmup_steps": "folded with warmup_ratio into SFTConfig.warmup_steps",
-    "gradient_checkpointing": "the backend enables its own variant when it loads the model",
+    "gradient_checkpointing": "resolved by the memory estimate (kit.memory); the backend enables its own variant",
+    "train_sampling_strategy": "auto is resolved for the device (kit.plan.execution), then passed by name",
+    "padding_free": "auto is resolved for the device and backend (kit.plan.execution), then passed by name",
     "resume_from_checkpoint": "'auto' is resolved by the run directory (kit.rundir)",
+    "save_total_limit": "the kit's rotation (kit.callbacks.MarkComplete), which counts complete checkpoints only",
     "early_stopping_patience": "transformers' EarlyStoppingCallback",
     "early_stopping_threshold": "transformers' EarlyStoppingCallback",
     "overfit_patience": "the kit's OverfitAlarm callback",
@@ -66,6 +73,9 @@ class ModelConfig:
     """auto: bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU."""
     random_seed: int = 0
     """Seed of the random weights when name is 'random:*'."""
+    gpu_memory_gib: Optional[float] = None
+    """GPU memory budget in GiB; default: the card's. A smaller budget caps the process there (torch's
+    per-process memory fraction), as on a smaller card, and train.gradient_checkpointing=auto decides by it."""
 
     @property
     def random_shape(self) -> Optional[str]:
@@ -152,8 +162,18 @@ class TrainConfig:
     """Seed for data shuffling, LoRA init and dropout."""
     packing: bool = False
     """Pack several short examples into one max_seq_length row (no cross-example attention)."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in backward to save memory (Unsloth's offloaded variant on that backend)."""
+    padding_free: Union[Literal["auto"], bool] = "auto"
+    """Concatenate each micro-batch's examples into one row, positions restarting per example, so that no
+    padding is computed (TRL's padding-free batches; CUDA, Unsloth backend). auto: on on CUDA with Unsloth.
+    Padding-free, each optimizer step's examples (batch x accumulation) run in as few passes as the
+    memory budget allows: the same examples and loss per step, fewer launches (docs/benchmarks.md)."""
+    train_sampling_strategy: Literal["auto", "random", "sequential", "group_by_length", "batch_rebalance"] = "auto"
+    """How examples form micro-batches (transformers' TrainingArguments). auto: batch_rebalance on CUDA (each
+    optimizer step keeps its randomly drawn examples, split into micro-batches by length, so that the plan
+    knows every micro-batch and its memory in advance), random on CPU."""
+    gradient_checkpointing: Union[Literal["auto"], bool] = "auto"
+    """Recompute activations in backward to save memory (Unsloth's offloaded variant on that backend). auto:
+    off when the run's estimated peak fits model.gpu_memory_gib (the fastest), on when it does not."""
     report_to_tensorboard: bool = True
     """Also write TensorBoard event files under the run directory."""
 
@@ -312,6 +332,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key}: expected true or false, got {value!r}.")
+    if hint in (int, float) and isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads 2e-4 and 1e3 (no dot) as text, in a file as on the command line
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -320,6 +342,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a whole number, got {value!r}.")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: {value} is not a finite number; give a number such as 1.0.")
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}.")
     if hint is str:
@@ -358,9 +382,12 @@ def parse_override(text: str) -> Override:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.learning_rate=2e-4).")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) and _looks_like_float(value):
-        value = float(value)  # YAML 1.1 reads '2e-4' as text
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or "unreadable"
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({problem}). Close its brackets and "
+                          f"quotes, or put text in quotes: {key.strip()}=\"...\".") from None
     keys = key.strip().split(".")
     if len(keys) < 2:
         raise ConfigError(f"override '{text}': keys have a section, like train.{keys[0]}."
@@ -386,23 +413,45 @@ def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
     return lines
 
 
+def _twice(node: Any, prefix: str = "") -> Iterator[tuple[str, int, int]]:
+    """Keys written twice in one YAML mapping: (dotted key, first line, second line)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            key, line = f"{prefix}{k.value}", k.start_mark.line + 1
+            if key in seen:
+                yield key, seen[key], line
+            seen.setdefault(key, line)
+            yield from _twice(v, f"{key}.")
+
+
 def load_config(recipe: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
     """A recipe (a YAML file or a shipped recipe's name; None: the defaults) plus dotted overrides, validated.
     Raises one ConfigError that lists every problem, each with its file and line or override."""
     data: dict = {}
     where: dict[str, str] = {}
+    issues: list[Issue] = []
     if recipe is not None:
         p = recipe_path(recipe)
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8.") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot be read ({e.strerror}).") from None
         try:
             data = yaml.safe_load(text) or {}
-            where = {k: f"{p}, line {n}" for k, n in _key_lines(yaml.compose(text)).items()}
+            node = yaml.compose(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigError(f"{p}{f', line {mark.line + 1}' if mark else ''}: not valid YAML "
+                              f"({getattr(e, 'problem', None) or e}).") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: a recipe is a mapping of sections (model:, lora:, train:, ...), got "
                               f"{type(data).__name__}.")
-    issues: list[Issue] = []
+        where = {k: f"{p}, line {n}" for k, n in _key_lines(node).items()}
+        issues += [Issue(key, f"'{key}' is set twice, on lines {first} and {second}; YAML would keep only the last. "
+                              "Delete one.") for key, first, second in _twice(node)]
     for text in overrides:
         try:
             o = parse_override(text)
@@ -456,6 +505,11 @@ def _model_issues(cfg: Config) -> Iterator[Issue]:
     if not 16 <= m.max_seq_length <= 131072:
         yield Issue("model.max_seq_length", f"model.max_seq_length={m.max_seq_length}: use 16..131072 "
                     "(the guide: 512-4096 for chat fine-tuning).")
+    if m.random_seed not in SEEDS:
+        yield Issue("model.random_seed", f"model.random_seed={m.random_seed}: use 0..{SEEDS[-1]}.")
+    if m.gpu_memory_gib is not None and not 1 <= m.gpu_memory_gib <= 4096:
+        yield Issue("model.gpu_memory_gib", f"model.gpu_memory_gib={m.gpu_memory_gib}: give the budget in GiB "
+                    "(e.g. 24 for a 24 GB card), or null for the whole card.")
 
 
 def _lora_issues(cfg: Config) -> Iterator[Issue]:
@@ -494,6 +548,10 @@ def _train_issues(cfg: Config) -> Iterator[Issue]:
         yield Issue("train.num_train_epochs", "train: set num_train_epochs > 0 or max_steps > 0.")
     if t.max_steps != -1 and t.max_steps <= 0:
         yield Issue("train.max_steps", f"train.max_steps={t.max_steps}: use -1 (epochs) or > 0.")
+    if t.max_steps > MAX_STEPS:
+        yield Issue("train.max_steps", f"train.max_steps={t.max_steps}: the kit plans at most {MAX_STEPS:,} steps.")
+    if t.seed not in SEEDS:
+        yield Issue("train.seed", f"train.seed={t.seed}: use 0..{SEEDS[-1]}.")
     if not 0 < t.learning_rate <= 1e-2:
         yield Issue("train.learning_rate", f"train.learning_rate={t.learning_rate}: expected 0 < lr <= 1e-2 "
                     "(the guide: 1e-6..1e-3, start at 1e-4).")
@@ -551,8 +609,13 @@ def _export_issues(cfg: Config) -> Iterator[Issue]:
 
 def _run_issues(cfg: Config) -> Iterator[Issue]:
     name = cfg.run.name
-    if not name or "/" in name or name in (".", ".."):
-        yield Issue("run.name", f"run.name='{name}': use a plain folder name.")
+    if not name or "/" in name or name in (".", "..") or not name.isprintable():
+        yield Issue("run.name", f"run.name={name!r}: use a plain folder name.")
+    elif len(name.encode()) > NAME_MAX:
+        yield Issue("run.name", f"run.name is {len(name.encode())} bytes long; file systems allow {NAME_MAX}. "
+                    "Choose a shorter name.")
+    if not cfg.run.output_dir.strip() or not cfg.run.output_dir.isprintable():
+        yield Issue("run.output_dir", f"run.output_dir={cfg.run.output_dir!r}: give a folder, e.g. runs.")
 
 
 def _combination_issues(cfg: Config) -> Iterator[Issue]:
@@ -566,6 +629,10 @@ def _combination_issues(cfg: Config) -> Iterator[Issue]:
         yield Issue("train.packing", "train.packing=true with model.backend=hf: transformers' SDPA attention would "
                     "let packed examples attend to each other. Use model.backend=unsloth (its varlen kernels keep "
                     "them apart) or packing=false.")
+    if t.padding_free is True and cfg.model.backend == "hf":
+        yield Issue("train.padding_free", "train.padding_free=true with model.backend=hf: transformers' SDPA "
+                    "attention would let the concatenated examples attend to each other. Use model.backend=unsloth "
+                    "or padding_free=false.")
 
 
 VALIDATORS: tuple[Callable[[Config], Iterator[Issue]], ...] = (
@@ -593,11 +660,23 @@ def check_device(cfg: Config, cuda: bool, bf16_ok: bool) -> None:
         if t.packing:
             problems.append("train.packing=true needs a CUDA GPU: packed examples are kept apart by "
                             "FlashAttention's variable-length kernels, which CPUs lack. Set train.packing=false here.")
+        if t.padding_free is True:
+            problems.append("train.padding_free=true needs a CUDA GPU (variable-length attention kernels). "
+                            "Set train.padding_free=false here.")
     elif m.precision == "bf16" and not bf16_ok:
         problems.append("model.precision=bf16: this GPU does not support bf16 (Ampere or newer does); use "
                         "precision=fp16 (with loss scaling) or auto.")
     if problems:
         raise ConfigError(*problems)
+
+
+def check_processes(processes: int, gpus: int) -> None:
+    """`processes` training processes (DDP) on this machine, which has `gpus` CUDA GPUs (0: the processes share
+    its CPUs, through gloo); before any of them loads."""
+    if gpus and processes > gpus:
+        raise ConfigError(f"{processes} training processes on this machine but {gpus} GPU(s) visible: each process "
+                          f"trains on a GPU of its own. Use --devices {gpus} (torchrun --nproc_per_node {gpus}), or "
+                          "check CUDA_VISIBLE_DEVICES.")
 
 
 def describe() -> str:

@@ -5,15 +5,21 @@ Llama 3.1's format, with -100 on everything but the assistant's answers (and the
 """
 from __future__ import annotations
 
+import csv
+import functools
 import hashlib
+import io
 import json
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from kit import env
 from kit.errors import DataError
+from kit.llama import EOT
 from kit.template import render
 
 if TYPE_CHECKING:  # kit.config imports this module (data.fields are checked against FIELD_NAMES)
@@ -26,6 +32,7 @@ FIELD_NAMES = ["instruction", "input", "output", "messages", "prompt", "completi
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SAMPLE = "kit:ko_sample"
 SAMPLE_FILE = Path(__file__).parent / "data" / "ko_sample.jsonl"
+WHERE = "__kit_where__"  # a column of every loaded dataset: the row's file and line (or row)
 
 
 # ---------------------------------------------------------------- load
@@ -36,20 +43,16 @@ def is_local(path: str) -> bool:
 
 
 def load_rows(path: str, split: str = "train", subset: Optional[str] = None, revision: Optional[str] = None):
-    """A datasets.Dataset from the kit's sample, a local file/folder, or the Hugging Face Hub."""
-    import datasets
+    """A datasets.Dataset from the kit's sample, a local file/folder, or the Hugging Face Hub. Each row carries
+    where it came from in the column WHERE (file and line as an editor counts them, or row), which the eval
+    split and max_examples keep, so that a message about a row points at it."""
     if path == SAMPLE:
         path = str(SAMPLE_FILE)
     if is_local(path):
-        files = _local_files(Path(path).expanduser())
-        builder = LOCAL_SUFFIXES[files[0].suffix]
-        try:
-            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-        except Exception as e:  # pyarrow/json errors carry the useful detail
-            raise DataError(f"{path}: could not be read as {builder}: {_first_line(e)}. "
-                            "Check the file is valid (one JSON object per line for .jsonl).") from None
+        ds = _read_local(Path(path).expanduser(), path)
     else:
         ds = _load_hub(path, split, subset, revision)
+        ds = ds.add_column(WHERE, [f"{path}, row {i + 1}" for i in range(len(ds))])
     if len(ds) == 0:
         raise DataError(f"{path}: the dataset is empty; it needs at least one example.")
     return ds
@@ -70,6 +73,222 @@ def _local_files(p: Path) -> list[Path]:
     if all(f.stat().st_size == 0 for f in files):
         raise DataError(f"{p}: the dataset is empty; it needs at least one example.")
     return files
+
+
+def _read_local(p: Path, shown: str):
+    """The kit reads local files itself: datasets' builders report a bad file as "An error occurred while
+    generating the dataset", without the file, the line or the cause."""
+    import datasets
+    files = _local_files(p)
+    names = [shown if f == p else os.path.join(shown, f.relative_to(p)) for f in files]
+    if LOCAL_SUFFIXES[files[0].suffix] == "parquet":
+        return datasets.Dataset(_parquet_table(files, names, shown))
+    located, columns = [], []
+    for f, name in zip(files, names):
+        text = _utf8(f, name)
+        rows = _csv_rows(text, name) if f.suffix == ".csv" else _json_rows(text, name, f.suffix)
+        located += rows
+        columns.append((name, list(dict.fromkeys(k for _, row in rows for k in row))))
+    _same_columns(columns, shown)
+    return _dataset(located)
+
+
+def _utf8(f: Path, name: str) -> str:
+    data = f.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # with or without the byte-order mark some Windows editors write
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+    where = f"{name}, line {line}"
+    utf8 = Path(name).with_name(f"{Path(name).stem}.utf8{Path(name).suffix}")
+    utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))
+    encoding, label = ("UTF-16", "UTF-16") if utf16 else ("CP949", "CP949 (EUC-KR), as Korean Windows writes")
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: not UTF-8 text. Save the file as UTF-8.") from None
+    raise DataError(f"{where}: not UTF-8 text; the file looks like {label}. Convert it to UTF-8: "
+                    f"iconv -f {encoding} -t UTF-8 {name} > {utf8}")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json's object_pairs_hook: a key written twice is an error, not the last one silently."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise _DuplicateKey(next(k for k in keys if keys.count(k) > 1))
+    return dict(pairs)
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_CHAT_COLUMNS = ("messages", "conversations")
+
+
+def _decode(text: str, i: int, name: str, line: int, offset: int = 0) -> tuple[Any, int]:
+    """One JSON value at text[i]; `line`: where it starts; `offset`: lines of the file before `text`."""
+    try:
+        return _DECODER.raw_decode(text, i)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}, line {e.lineno + offset}: not valid JSON ({e.msg}, column {e.colno}).") from None
+    except _DuplicateKey as e:
+        raise DataError(f"{name}, line {line}: key '{e}' appears twice in one object; keep one.") from None
+
+
+def _json_rows(text: str, name: str, suffix: str) -> list[tuple[str, dict]]:
+    """(where, row) of a .jsonl file, or of a .json file: a list of rows, one object (a row, or an object
+    whose one list of objects holds the rows), or JSON Lines."""
+    start = _JSON_SPACE.match(text).end()
+    line = text.count("\n", 0, start) + 1
+    if suffix == ".json" and text.startswith("[", start):
+        return [(where, _row(value, where)) for where, value in _json_list(text, start, name, line)]
+    if suffix == ".json" and text.startswith("{", start):
+        top, end = _decode(text, start, name, line)
+        if _JSON_SPACE.match(text, end).end() == len(text):
+            return _wrapped_rows(top, name, line)
+    rows = []
+    for n, text_line in enumerate(text.split("\n"), 1):  # JSON text has no raw line breaks inside strings
+        if text_line.strip():
+            where = f"{name}, line {n}"
+            value, end = _decode(text_line, 0, name, n, n - 1)
+            if text_line[end:].strip():
+                raise DataError(f"{where}: more than one JSON value on this line; JSON Lines hold one object "
+                                "per line.")
+            rows.append((where, _row(value, where)))
+    return rows
+
+
+def _json_list(text: str, i: int, name: str, line: int) -> list[tuple[str, Any]]:
+    """The elements of the JSON list at text[i], each with the line it starts on."""
+    out, pos = [], i
+    i = _JSON_SPACE.match(text, i + 1).end()
+    while not text.startswith("]", i):
+        line += text.count("\n", pos, i)
+        pos = i
+        value, i = _decode(text, i, name, line)
+        out.append((f"{name}, line {line}", value))
+        i = _JSON_SPACE.match(text, i).end()
+        if text.startswith(",", i):
+            i = _JSON_SPACE.match(text, i + 1).end()
+        elif not text.startswith("]", i):
+            line += text.count("\n", pos, i)
+            raise DataError(f"{name}, line {line}: not valid JSON (expecting ',' or ']' after a row).")
+    end = _JSON_SPACE.match(text, i + 1).end()
+    if end != len(text):
+        line += text.count("\n", pos, end)
+        raise DataError(f"{name}, line {line}: more after the list of rows; a .json file holds one list.")
+    return out
+
+
+def _wrapped_rows(top: dict, name: str, line: int) -> list[tuple[str, dict]]:
+    """A top-level object: one row, or, where one of its values is a list of objects, those rows (the
+    {"data": [...]} layout many published datasets use)."""
+    lists = [k for k, v in top.items() if k not in _CHAT_COLUMNS and isinstance(v, list) and v
+             and all(isinstance(x, dict) for x in v)]
+    if not lists:
+        return [(f"{name}, line {line}", top)]
+    if len(lists) > 1:
+        raise DataError(f"{name}: the top level is an object with several lists of rows ({', '.join(lists)}); "
+                        "write the rows as one JSON list, or one object per line (.jsonl).")
+    log.warning(f"{name}: the top level is an object; its rows are read from the list under '{lists[0]}'.")
+    return [(f"{name}, '{lists[0]}' row {n}", row) for n, row in enumerate(top[lists[0]], 1)]
+
+
+def _row(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: a row must be a JSON object {{...}}, got {_kind(value)}.")
+    return value
+
+
+def _csv_rows(text: str, name: str) -> list[tuple[str, dict]]:
+    """(where, row) of a CSV file with a header; every value is text, as CSV has no types."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, [])
+        if twice := sorted({c for c in header if header.count(c) > 1}):
+            raise DataError(f"{name}, line 1: column {twice[0]!r} appears twice in the header; rename one.")
+        rows, start = [], reader.line_num + 1
+        for record in reader:
+            if record:  # a blank line
+                if len(record) != len(header):
+                    raise DataError(f"{name}, line {start}: {len(record)} fields, but the header has {len(header)}. "
+                                    "Put fields that hold commas or line breaks in double quotes.")
+                rows.append((f"{name}, line {start}", dict(zip(header, record))))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{name}, line {reader.line_num}: not valid CSV ({e}).") from None
+    return rows
+
+
+def _parquet_table(files: list[Path], names: list[str], shown: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    tables = []
+    for f, name in zip(files, names):
+        try:
+            table = pq.read_table(f)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{name}: not a readable Parquet file ({_first_line(e)}). Write it again, or move it "
+                            "out of the folder.") from None
+        where = pa.array([f"{name}, row {n}" for n in range(1, table.num_rows + 1)], pa.string())
+        tables.append(table.append_column(WHERE, where))
+    _same_columns([(name, [c for c in t.column_names if c != WHERE]) for name, t in zip(names, tables)], shown)
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowException as e:
+        raise DataError(f"{shown}: its Parquet files give one column different types ({_first_line(e)}); "
+                        "write them with the same schema.") from None
+
+
+def _same_columns(columns: list[tuple[str, list[str]]], shown: str) -> None:
+    """The files of a folder are one dataset: the same columns in each (an empty file has none)."""
+    named = [(name, cols) for name, cols in columns if cols]
+    for name, cols in named[1:]:
+        if set(cols) != set(named[0][1]):
+            raise DataError(f"{shown}: its files have different columns: {named[0][0]} has {sorted(named[0][1])}, "
+                            f"{name} has {sorted(cols)}. Keep one dataset per folder, or point data.path at one "
+                            "file.")
+
+
+def _dataset(located: list[tuple[str, dict]]):
+    """A Dataset of the rows, plus WHERE. A column that mixes text and numbers keeps the numbers as text (Arrow
+    holds one type per column); any other mix is an error at the first row that breaks the column's type."""
+    import datasets
+    import pyarrow as pa
+    wheres = [where for where, _ in located]
+    keys = list(dict.fromkeys(k for _, row in located for k in row))
+    columns = {k: [row.get(k) for _, row in located] for k in keys}
+    for key, values in columns.items():
+        numbers = [i for i, v in enumerate(values) if isinstance(v, (int, float))]
+        if numbers and any(isinstance(v, str) for v in values):
+            for i in numbers:
+                values[i] = json.dumps(values[i])
+            log.warning(f"column '{key}' holds text and numbers; {len(numbers)} number(s) are read as text "
+                        f"({wheres[numbers[0]]} is one).")
+    unfit = (pa.ArrowException, TypeError, ValueError, OverflowError)
+    for key, values in columns.items():
+        try:
+            pa.array(values)
+        except unfit as e:
+            good, bad = 0, len(values)  # the shortest failing prefix ends at the first row that breaks the type
+            while bad - good > 1:
+                mid = (good + bad) // 2
+                try:
+                    pa.array(values[:mid])
+                    good = mid
+                except unfit:
+                    bad = mid
+            raise DataError(f"{wheres[bad - 1]}: column '{key}' holds values of different kinds ({_first_line(e)}); "
+                            "give it the same kind of value in every row.") from None
+    return datasets.Dataset.from_dict({**columns, WHERE: wheres})
+
+
+def _kind(value: Any) -> str:
+    kinds = {str: "text", bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return "nothing (null)" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 def split_eval(rows, ratio: float, seed: int, source: str):
@@ -114,50 +333,63 @@ def detect_format(columns: list[str], fields: dict[str, str]) -> str:
         return "prompt_completion"
     if col("text") in have:
         return "text"
-    raise DataError(f"cannot tell the data format from the columns {sorted(have)}. Expected instruction/output "
-                    "(KoAlpaca, Alpaca), messages (chat), prompt/completion or text; map yours with "
+    raise DataError(f"cannot tell the data format from the columns {sorted(have - {WHERE})}. Expected "
+                    "instruction/output (KoAlpaca, Alpaca), messages (chat), prompt/completion or text; map yours with "
                     "data.fields, e.g. data.fields='{instruction: question, output: answer}'.")
 
 
-def to_messages(row: dict, fmt: str, fields: dict[str, str], system_prompt: Optional[str], where: str) -> list[dict]:
-    """One row -> chat messages. `where` ('file, row N') goes into every error."""
-    def get(name, required=True):
+def to_messages(row: dict, fmt: str, fields: dict[str, str], system_prompt: Optional[str], where: str,
+                numbers: Optional[list[str]] = None) -> list[dict]:
+    """One row -> chat messages. `where` ('file, line N') goes into every error; a number where text is
+    expected is used as its text, and noted in `numbers`."""
+    def get(name, required=True) -> Optional[str]:
         col = fields.get(name, name)
-        value = row.get(col)
-        if required and (value is None or (isinstance(value, str) and not value.strip())):
+        value = _text(row.get(col), f"{where}, field '{col}'", numbers)
+        if required and (value is None or not value.strip()):
             raise DataError(f"{where}: field '{col}' is missing or empty (format {fmt}). Fix the row, or map "
                             f"the column with data.fields.{name}=<column>.")
         return value
     if fmt in ("koalpaca", "alpaca"):
         extra = get("input", required=False)
-        prompt = get("instruction") + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
-        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(get("output"))}]
+        prompt = get("instruction") + (f"\n\n{extra}" if extra and extra.strip() else "")
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": get("output")}]
     elif fmt == "prompt_completion":
-        msgs = [{"role": "user", "content": str(get("prompt"))},
-                {"role": "assistant", "content": str(get("completion"))}]
+        msgs = [{"role": "user", "content": get("prompt")}, {"role": "assistant", "content": get("completion")}]
     elif fmt == "text":
-        msgs = [{"role": "assistant", "content": str(get("text"))}]
+        msgs = [{"role": "assistant", "content": get("text")}]
     else:
-        msgs = _chat_messages(row.get(fields.get("messages", "messages")) or row.get("conversations"), where)
-    system = row.get(fields.get("system", "system"))
+        msgs = _chat_messages(row.get(fields.get("messages", "messages")) or row.get("conversations"), where, numbers)
+    system = get("system", required=False)
     if msgs[0]["role"] != "system" and (system or system_prompt):
-        msgs.insert(0, {"role": "system", "content": str(system or system_prompt)})
+        msgs.insert(0, {"role": "system", "content": system or system_prompt})
     return msgs
+
+
+def _text(value: Any, where: str, numbers: Optional[list[str]]) -> Optional[str]:
+    """A field's text: a number (or true/false) is taken as written in JSON, and noted."""
+    if isinstance(value, (int, float)):
+        if numbers is not None:
+            numbers.append(where)
+        return json.dumps(value)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where} is {_kind(value)}; it should be text.")
+    return value
 
 
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-def _chat_messages(turns, where: str) -> list[dict]:
+def _chat_messages(turns, where: str, numbers: Optional[list[str]]) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} turns.")
     msgs = []
-    for i, t in enumerate(turns):
+    for i, t in enumerate(turns, 1):
         if not isinstance(t, dict):
             raise DataError(f"{where}: turn {i} is not an object.")
-        role = t.get("role", t.get("from"))
-        content = t.get("content", t.get("value"))
-        if role not in _SHAREGPT_ROLES or not isinstance(content, str):
+        role = t.get("role") or t.get("from")  # a column's rows share their keys: the other style's are null
+        content = _text(t["content"] if t.get("content") is not None else t.get("value"), f"{where}, turn {i}",
+                        numbers)
+        if role not in _SHAREGPT_ROLES or content is None:
             raise DataError(f"{where}: turn {i} needs role (system/user/assistant, or ShareGPT from "
                             f"human/gpt) and text content; got role={role!r}.")
         msgs.append({"role": _SHAREGPT_ROLES[role], "content": content})
@@ -170,18 +402,45 @@ def _chat_messages(turns, where: str) -> list[dict]:
 
 def tokenize(messages: list[dict], tokenizer, max_len: int, responses_only: bool) -> dict:
     """input_ids and labels; labels are -100 outside assistant answers when responses_only.
-    `overlong` is the untruncated length when it exceeded max_len (else 0)."""
+    `overlong` is the untruncated length when it exceeded max_len (else 0); `literal` says that a message
+    held control-token text (e.g. '<|eot_id|>'), which is tokenized as the plain text it is."""
     text, spans = render(messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
+    literal = any(_control_tokens(tokenizer).search(m["content"]) for m in messages)
+    pieces = _pieces(messages, len(text)) if literal else [(0, len(text), False)]
+    ids, offsets = [], []
+    for start, end, content in pieces:
+        enc = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True,
+                        split_special_tokens=content)
+        ids += enc["input_ids"]
+        offsets += [(start + a, start + b) for a, b in enc["offset_mapping"]]
     if responses_only:
-        labels = [t if any(s <= a and b <= e for s, e in spans) else -100
-                  for t, (a, b) in zip(ids, enc["offset_mapping"])]
+        labels = [t if any(s <= a and b <= e for s, e in spans) else -100 for t, (a, b) in zip(ids, offsets)]
     else:
         labels = list(ids)
         labels[0] = -100  # nothing predicts <|begin_of_text|>
     overlong = len(ids) if len(ids) > max_len else 0
-    return {"input_ids": ids[:max_len], "labels": labels[:max_len], "overlong": overlong}
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len], "overlong": overlong, "literal": literal}
+
+
+def _control_tokens(tokenizer) -> re.Pattern:
+    return _alternatives(tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special))
+
+
+@functools.lru_cache(maxsize=4)
+def _alternatives(texts: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(map(re.escape, texts)))
+
+
+def _pieces(messages: list[dict], length: int) -> list[tuple[int, int, bool]]:
+    """render()'s text as (start, end, is message content) pieces. Every message renders as its header, its
+    stripped content and <|eot_id|>, and the text of the first k messages is a prefix of the whole."""
+    pieces, pos = [], 0
+    for k, m in enumerate(messages, 1):
+        end = len(render(messages[:k])[0]) - len(EOT)
+        start = end - len(m["content"].strip())
+        pieces += [(pos, start, False), (start, end, True)]
+        pos = end
+    return [p for p in pieces + [(pos, length, False)] if p[0] < p[1]]
 
 
 @dataclass
@@ -190,46 +449,57 @@ class Prepared:
     dataset: Dataset
     fingerprint: str
     truncated: int = 0
-    dropped_overlong: list[int] = field(default_factory=list)
-    dropped_masked: list[int] = field(default_factory=list)
+    dropped_overlong: list[str] = field(default_factory=list)
+    """Where each dropped example came from (file and line, or row); likewise below."""
+    dropped_masked: list[str] = field(default_factory=list)
+    control_text: list[str] = field(default_factory=list)
+    """Examples whose content holds control-token text, trained as plain text."""
+    numbers_as_text: list[str] = field(default_factory=list)
+    """Fields where text was expected and a number was given, used as text."""
     mean_tokens: float = 0.0
     trained_tokens: int = 0
 
 
 def prepare(ds, tokenizer, *, fmt: str, fields: dict, system_prompt, max_len: int, responses_only: bool,
             overlong: str, source: str) -> Prepared:
-    """Rows -> tokenized dataset (input_ids, labels). Rows are numbered from 1 in messages, as in an editor."""
+    """Rows -> tokenized dataset (input_ids, labels). Messages name each row's file and line (WHERE)."""
     import datasets
-    fmt = detect_format(ds.column_names, fields) if fmt == "auto" else fmt
-    if fmt in ("koalpaca", "alpaca") and fields.get("instruction", "instruction") not in ds.column_names:
-        raise DataError(f"{source}: format {fmt} needs an instruction column; columns are {ds.column_names}.")
+    columns = [c for c in ds.column_names if c != WHERE]
+    fmt = detect_format(columns, fields) if fmt == "auto" else fmt
+    if fmt in ("koalpaca", "alpaca") and fields.get("instruction", "instruction") not in columns:
+        raise DataError(f"{source}: format {fmt} needs an instruction column; columns are {columns}.")
     h = hashlib.sha256()
-    out, truncated, dropped_long, dropped_masked = [], 0, [], []
+    out, truncated, dropped_long, dropped_masked, literal, numbers = [], 0, [], [], [], []
     for i, row in enumerate(ds):
-        where = f"{source}, row {i + 1}"
-        msgs = to_messages(row, fmt, fields, system_prompt, where)
+        where = row.get(WHERE) or f"{source}, row {i + 1}"
+        msgs = to_messages(row, fmt, fields, system_prompt, where, numbers)
         h.update(json.dumps(msgs, ensure_ascii=False, sort_keys=True).encode())
         ex = tokenize(msgs, tokenizer, max_len, responses_only)
+        if ex.pop("literal"):
+            literal.append(where)
         if ex.pop("overlong"):
             if overlong == "drop":
-                dropped_long.append(i + 1)
+                dropped_long.append(where)
                 continue
             truncated += 1
         if all(x == -100 for x in ex["labels"]):
-            dropped_masked.append(i + 1)
+            dropped_masked.append(where)
             continue
         out.append(ex)
     if not out:
-        rows = (dropped_masked + dropped_long)[:10]
-        raise DataError(f"{source}: every example would have all its labels masked or was dropped (rows "
-                        f"{rows}{' ...' if len(dropped_masked + dropped_long) > 10 else ''}): no assistant "
-                        "answer survives within model.max_seq_length. Raise max_seq_length, shorten the "
+        dropped = dropped_masked + dropped_long
+        raise DataError(f"{source}: every example would have all its labels masked or was dropped ({_few(dropped)}): "
+                        "no assistant answer survives within model.max_seq_length. Raise max_seq_length, shorten the "
                         "prompts, or set data.overlong=truncate.")
     n_tokens = sum(len(e["input_ids"]) for e in out)
     trained = sum(sum(1 for x in e["labels"] if x != -100) for e in out)
     return Prepared(dataset=datasets.Dataset.from_list(out), fingerprint=h.hexdigest()[:16], truncated=truncated,
-                    dropped_overlong=dropped_long, dropped_masked=dropped_masked,
-                    mean_tokens=n_tokens / len(out), trained_tokens=trained)
+                    dropped_overlong=dropped_long, dropped_masked=dropped_masked, control_text=literal,
+                    numbers_as_text=numbers, mean_tokens=n_tokens / len(out), trained_tokens=trained)
+
+
+def _few(wheres: list[str], n: int = 5) -> str:
+    return "; ".join(wheres[:n]) + (f"; ... ({len(wheres)} in all)" if len(wheres) > n else "")
 
 
 # ---------------------------------------------------------------- a recipe's data
@@ -265,9 +535,15 @@ def load_data(cfg: Config, tokenizer) -> TrainingData:
             log.warning(f"{name}: {p.truncated} example(s) longer than max_seq_length={cfg.model.max_seq_length} "
                         "were truncated (data.overlong=drop drops them instead).")
         if p.dropped_overlong:
-            log.warning(f"{name}: dropped {len(p.dropped_overlong)} over-long example(s), "
-                        f"rows {p.dropped_overlong[:10]}")
+            log.warning(f"{name}: dropped {len(p.dropped_overlong)} over-long example(s): {_few(p.dropped_overlong)}")
         if p.dropped_masked:
-            log.warning(f"{name}: dropped {len(p.dropped_masked)} example(s) with no trainable token left, "
-                        f"rows {p.dropped_masked[:10]}")
+            log.warning(f"{name}: dropped {len(p.dropped_masked)} example(s) with no trainable token left: "
+                        f"{_few(p.dropped_masked)}")
+        if p.numbers_as_text:
+            log.warning(f"{name}: {len(p.numbers_as_text)} number(s) where text is expected, used as text: "
+                        f"{_few(p.numbers_as_text)}")
+        if p.control_text:
+            log.warning(f"{name}: {len(p.control_text)} example(s) hold Llama 3.1 control-token text such as "
+                        f"'<|eot_id|>' in a message: trained as plain text, not as control tokens. Remove it if it is "
+                        f"not meant to be there: {_few(p.control_text)}")
     return data

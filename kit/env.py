@@ -14,7 +14,19 @@ def hf_token() -> Optional[str]:
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE") == "1"
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), read as huggingface_hub reads it."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_endpoint() -> str:
+    """HF_ENDPOINT: the Hub's address (a mirror, or a private Hub), as huggingface_hub reads it."""
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def debug() -> bool:
+    """KIT_DEBUG=1: the commands print the traceback of an error too."""
+    return os.environ.get("KIT_DEBUG", "") not in ("", "0")
 
 
 def api_key(name: str = API_KEY_ENV) -> Optional[str]:
@@ -29,6 +41,27 @@ def vllm_python() -> Optional[str]:
 def image_commit() -> Optional[str]:
     """KIT_GIT_COMMIT: the kit's commit recorded by the image build (no checkout inside an image)."""
     return os.environ.get("KIT_GIT_COMMIT") or None
+
+
+def world_size() -> int:
+    """WORLD_SIZE: the training processes of a distributed run, as torchrun (and accelerate launch) set it;
+    1 for a process started on its own."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """RANK: this process's place among them (0 writes the run directory)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """LOCAL_RANK: its place on this machine, so the GPU it trains on."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """LOCAL_WORLD_SIZE: the processes on this machine (torchrun sets it; WORLD_SIZE on one machine)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or world_size())
 
 
 def health_port() -> int:

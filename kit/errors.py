@@ -2,6 +2,11 @@
 prints it after "error:" and exits 2, without a traceback."""
 from __future__ import annotations
 
+import sys
+import traceback
+
+from kit import env
+
 
 class KitError(Exception):
     """A problem in the user's input or files, phrased for the user."""
@@ -35,3 +40,15 @@ class ExportError(KitError, ValueError):
 
 class PreflightError(KitError, ValueError):
     """The server was not started: what vLLM would refuse or get wrong, and what to do instead."""
+
+
+class ServerError(KitError, ValueError):
+    """A running server cannot be reached or refused a request: what it answered and what to do."""
+
+
+def exit_with(e: KitError) -> int:
+    """Print a user's error as one message (its traceback too under KIT_DEBUG=1); the exit code, 2."""
+    if env.debug():
+        traceback.print_exception(e)
+    print(f"error: {e}", file=sys.stderr)
+    return 2

@@ -10,9 +10,10 @@ import errno
 import shutil
 from pathlib import Path
 
+from kit import env
 from kit.errors import ExportError
 from kit.gguf import KQUANTS, QUANTS, kquantize, modelfile, write_gguf
-from kit.io import atomic_dir
+from kit.io import atomic_dir, clean_leftovers
 from kit.rundir import RunDir, base_config, read_adapter
 from kit.template import LLAMA31_CHAT_TEMPLATE, generation_config
 
@@ -27,7 +28,12 @@ def merged_model(run_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     adapter = read_adapter(run_dir)
     adapter.check_fits(base_config(adapter.base), adapter.base)
-    model = AutoModelForCausalLM.from_pretrained(adapter.base, dtype=torch.bfloat16)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(adapter.base, dtype=torch.bfloat16, token=env.hf_token())
+    except OSError as e:  # transformers' word for weights that are neither here nor downloadable
+        raise ExportError(f"the base model {adapter.base} cannot be loaded ({str(e).strip().splitlines()[0][:200]}). "
+                          "Download its weights where there is network, or point base_model_name_or_path in "
+                          f"{adapter.path / 'adapter_config.json'} at a local copy; nothing was written.") from None
     model = PeftModel.from_pretrained(model, str(adapter.path))
     return model.merge_and_unload(), AutoTokenizer.from_pretrained(str(adapter.path))
 
@@ -55,6 +61,8 @@ def export(run_dir: Path, to: str, quant: str = "q8_0") -> Path:
     if to == "gguf" and quant not in QUANTS:
         raise ExportError(f"--quant {quant}: unknown GGUF type; use one of {', '.join(QUANTS)}.")
     target = run.merged16 if to == "merged16" else run.gguf(quant)
+    for folder in (run.merged16, *map(run.gguf, QUANTS)):  # what an interrupted export (any format) left
+        clean_leftovers(folder)
     model, tokenizer = merged_model(run.path)
     check_space(target, sum(p.numel() for p in model.parameters()), "merged16" if to == "merged16" else quant)
     try:
@@ -81,10 +89,13 @@ def export(run_dir: Path, to: str, quant: str = "q8_0") -> Path:
 def add_arguments(p) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--to", required=True, choices=FORMATS)
-    p.add_argument("--quant", default="q8_0", help=f"GGUF type: {', '.join(QUANTS)} (default q8_0)")
+    p.add_argument("--quant", help=f"with --to gguf, the GGUF type: {', '.join(QUANTS)} (default q8_0)")
 
 
 def run_cli(args) -> int:
-    out = export(args.run_dir, args.to, args.quant)
-    print(f"exported {args.to}{'' if args.to == 'merged16' else ' ' + args.quant} to {out}")
+    if args.quant is not None and args.to != "gguf":
+        raise ExportError(f"--quant {args.quant}: {args.to} is not quantized; --quant goes with --to gguf.")
+    quant = args.quant or "q8_0"
+    out = export(args.run_dir, args.to, quant)
+    print(f"exported {args.to}{'' if args.to == 'merged16' else ' ' + quant} to {out}")
     return 0

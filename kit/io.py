@@ -1,22 +1,28 @@
 """Atomic writes: what looks complete on disk is complete.
 
 A folder is written under a hidden temporary name beside its target and renamed into place only
-when everything in it was written; a file likewise. A crash leaves the old output (or nothing).
+when everything in it was written; a file likewise. A crash leaves the old output (or nothing), and
+the hidden leftovers of a killed writer are cleaned by the next write of the same target.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
+
+log = logging.getLogger("kit")
 
 
 @contextlib.contextmanager
 def atomic_dir(target: Path, replace: bool = False):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(target)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -39,6 +45,7 @@ def atomic_dir(target: Path, replace: bool = False):
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(path)
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -49,6 +56,36 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def clean_leftovers(target: Path) -> None:
+    """Remove what a killed writer of `target` left: its partial copy, and the old copy it was replacing (put
+    back first if the target is missing: the kill came between the two renames). Another live process's
+    leftovers are its work in progress and stay."""
+    for left in sorted(target.parent.glob(f".{glob.escape(target.name)}.*-*")):
+        kind, _, pid = left.name[len(target.name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not target.exists():
+            os.replace(left, target)
+            log.warning(f"{target}: put back the previous copy, which an interrupted write (process {pid}) had "
+                        "moved aside.")
+            continue
+        if left.is_dir():
+            shutil.rmtree(left)
+        else:
+            left.unlink()
+        log.warning(f"{target}: removed {left.name}, left by an interrupted write (process {pid}).")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True
 
 
 def move_aside(path: Path) -> Path:

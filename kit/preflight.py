@@ -11,6 +11,9 @@ from kit.llama import PROJECTIONS
 from kit.rundir import Adapter, RunDir, base_config, read_adapter
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
+# Adapters vLLM keeps in CPU memory beyond the served ones when adapters can be loaded at run time: its LRU
+# cache holds --max-cpu-loras adapters and evicts the least recently used (re-read from disk on next use).
+RUNTIME_ADAPTER_ROOM = 8
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,17 @@ class ServeSpec:
     tokenizer: str
     adapters: list[ServedAdapter] = field(default_factory=list)
     max_lora_rank: Optional[int] = None
+    max_loras: Optional[int] = None
+    """Adapters in one batch (vLLM's GPU slots)."""
+    max_cpu_loras: Optional[int] = None
+    """Adapters vLLM keeps loaded in CPU memory."""
+    runtime_adapters: bool = False
+    """Adapters may be loaded and unloaded while the server runs (kit adapters load/unload)."""
+    fp8: bool = False
+    """vLLM quantizes the 16-bit weights to FP8 as it loads them (dynamic FP8)."""
+    kv_cache_dtype: Optional[str] = None
+    tensor_parallel_size: int = 1
+    """GPUs that vLLM shards the model over (its tensor parallelism)."""
     max_model_len: Optional[int] = None
     notes: list[str] = field(default_factory=list)
     log: Optional[Path] = None
@@ -54,16 +68,23 @@ def check_servable(adapter: Adapter, run_dir: Path) -> None:
 
 
 def check(run_dirs: list[Path], merged: bool = False, base: Optional[str] = None,
-          max_model_len: Optional[int] = None, names: Optional[list[str]] = None) -> ServeSpec:
-    """The ServeSpec for `kit serve RUN_DIR ...`; PreflightError (or AdapterError) says what is wrong."""
+          max_model_len: Optional[int] = None, names: Optional[list[str]] = None, *, adapter_form: bool = False,
+          runtime_adapters: bool = False, fp8: bool = False, kv_cache_dtype: Optional[str] = None,
+          max_lora_rank: Optional[int] = None, max_loras: Optional[int] = None,
+          max_cpu_loras: Optional[int] = None) -> ServeSpec:
+    """The ServeSpec for `kit serve RUN_DIR ...`; PreflightError (or AdapterError) says what is wrong.
+    `adapter_form`: base + adapter was asked for explicitly (no note that merged is faster)."""
     runs = [RunDir(Path(d)) for d in run_dirs]
     if merged:
+        if runtime_adapters or adapter_form:
+            raise PreflightError("--merged serves a merged export, which takes no adapters; --adapter and "
+                                 "--allow-runtime-adapters serve the base model with adapters: choose one.")
         if len(runs) != 1:
             raise PreflightError("--merged serves one run's merged export; give one run directory.")
         folder = runs[0].merged16
         if not (folder / "config.json").is_file():
             raise PreflightError(f"{folder}: no merged export; write it with: kit export {runs[0].path} --to merged16")
-        return ServeSpec(base=str(folder), tokenizer=str(folder),
+        return ServeSpec(base=str(folder), tokenizer=str(folder), fp8=fp8, kv_cache_dtype=kv_cache_dtype,
                          max_model_len=max_model_len or runs[0].trained_length(), log=runs[0].serve_merged_log)
     adapters = []
     for i, run in enumerate(runs):
@@ -82,10 +103,12 @@ def check(run_dirs: list[Path], merged: bool = False, base: Optional[str] = None
     cfg = base_config(served)
     for a in adapters:
         a.adapter.check_fits(cfg, served)
-    rank = max(a.adapter.rank for a in adapters)
-    allowed = next((r for r in LORA_RANKS if r >= rank), None)
-    if allowed is None:
-        raise PreflightError(f"adapter rank {rank} exceeds vLLM's largest --max-lora-rank (512); serve merged.")
+    rank = lora_rank(max(a.adapter.rank for a in adapters), max_lora_rank)
+    slots = max_loras or len(adapters)
+    cached = max_cpu_loras or slots + (RUNTIME_ADAPTER_ROOM if runtime_adapters else 0)
+    if cached < slots:  # vLLM's LoRAConfig refuses it, after loading the model
+        raise PreflightError(f"--max-cpu-loras {cached} is below --max-loras {slots}: vLLM keeps every adapter of a "
+                             f"batch in CPU memory too; pass --max-cpu-loras {slots} or more.")
     trained_len = max((a.max_seq_length or 0) for a in adapters) or None
     limit = cfg.get("max_position_embeddings")
     length = max_model_len or trained_len
@@ -94,5 +117,29 @@ def check(run_dirs: list[Path], merged: bool = False, base: Optional[str] = None
     if max_model_len and trained_len and max_model_len < trained_len:
         notes.append(f"--max-model-len {max_model_len} is below the runs' max_seq_length {trained_len}: prompts as "
                      "long as the training examples will be refused.")
-    return ServeSpec(base=served, tokenizer=str(adapters[0].adapter.path), adapters=adapters, max_lora_rank=allowed,
-                     max_model_len=length, notes=notes, log=runs[0].serve_log)
+    if len(runs) == 1 and not (adapter_form or runtime_adapters):
+        notes.append(f"one fine-tune is served as base + adapter; merged is faster (the adapter decoded at 0.78-0.80x "
+                     f"of merged on an H100, docs/benchmarks.md): kit export {runs[0].path} --to merged16, then kit "
+                     f"serve {runs[0].path} --merged. --adapter keeps this form without this note.")
+    if fp8:
+        notes.append("--fp8: the adapters were trained on the 16-bit weights, which vLLM now quantizes to FP8; "
+                     "compare the answers with: kit verify RUN --url URL --model NAME.")
+    return ServeSpec(base=served, tokenizer=str(adapters[0].adapter.path), adapters=adapters, max_lora_rank=rank,
+                     max_loras=slots, max_cpu_loras=cached, runtime_adapters=runtime_adapters, fp8=fp8,
+                     kv_cache_dtype=kv_cache_dtype, max_model_len=length, notes=notes, log=runs[0].serve_log)
+
+
+def lora_rank(rank: int, asked: Optional[int] = None) -> int:
+    """vLLM's --max-lora-rank for adapters of `rank`: `asked` (room for larger adapters loaded at run time),
+    else the smallest allowed value that holds them."""
+    if asked is not None:
+        if asked not in LORA_RANKS:
+            raise PreflightError(f"--max-lora-rank {asked}: vLLM allows only {', '.join(map(str, LORA_RANKS))}.")
+        if asked < rank:
+            raise PreflightError(f"--max-lora-rank {asked} is below the adapters' rank {rank}: vLLM would refuse "
+                                 "them; leave it out, or pass a larger value.")
+        return asked
+    allowed = next((r for r in LORA_RANKS if r >= rank), None)
+    if allowed is None:
+        raise PreflightError(f"adapter rank {rank} exceeds vLLM's largest --max-lora-rank (512); serve merged.")
+    return allowed

@@ -76,6 +76,8 @@ class Result:
     load_in_4bit: bool
     r: int
     device: str
+    devices: int
+    """Training processes, each on a device of its own (DDP when more than one)."""
     steps: int
     total_steps: int
     stopped_early: bool
@@ -84,6 +86,11 @@ class Result:
     tokens_per_s: float
     peak_gib: float
     peak_kind: str
+    estimate_gib: Optional[float]
+    """The plan's GPU memory estimate for this run (kit.memory), beside the measured peak."""
+    batches: str
+    attention: str
+    loss_kernel: str
     train_loss: Optional[float]
     best_eval_loss: Optional[float]
     best_eval_step: Optional[int]
@@ -98,12 +105,19 @@ def finish(cfg: Config, run: RunDir, backend: Backend, plan: Plan, trained: Trai
     plot_losses(metrics, run.loss_png, f"{cfg.run.name}: {cfg.model.name}")
     evals = [m for m in metrics if "eval_loss" in m]
     best = min(evals, key=lambda m: m["eval_loss"]) if evals else {}
+    how = plan.execution
+    batches = "-" if how is None else (
+        f"{how.batch} x {how.grad_accum} {how.sampling}{', padding-free' if how.padding_free else ''}; "
+        f"gradient checkpointing {'on' if how.checkpointing else 'off'}")
     return Result(
         run_dir=str(run.path), model=cfg.model.name, backend=backend.name, precision=backend.precision,
-        load_in_4bit=cfg.model.load_in_4bit, r=cfg.lora.r, device=backend.device.name, steps=trained.steps,
-        total_steps=plan.total_steps, stopped_early=trained.steps < plan.total_steps, seconds=trained.seconds,
+        load_in_4bit=cfg.model.load_in_4bit, r=cfg.lora.r, device=backend.device.name, devices=plan.devices,
+        steps=trained.steps, total_steps=plan.total_steps, stopped_early=trained.steps < plan.total_steps,
+        seconds=trained.seconds,
         tokens=trained.tokens, tokens_per_s=trained.tokens / max(trained.seconds, 1e-9), peak_gib=trained.peak_gib,
-        peak_kind=trained.peak_kind, train_loss=next((m["loss"] for m in reversed(metrics) if "loss" in m), None),
+        peak_kind=trained.peak_kind, estimate_gib=how.memory.estimate.total_gib if how and how.memory else None,
+        batches=batches, attention=trained.kernels.attention, loss_kernel=trained.kernels.loss,
+        train_loss=next((m["loss"] for m in reversed(metrics) if "loss" in m), None),
         best_eval_loss=best.get("eval_loss"), best_eval_step=best.get("step"), alarms=len(trained.alarms),
         adapter=str(adapter), loss_png=str(run.loss_png))
 
@@ -139,11 +153,15 @@ def summary(r: Result) -> str:
         ("run", r.run_dir),
         ("model", f"{r.model} ({r.backend}, {r.precision}, {'QLoRA 4-bit' if r.load_in_4bit else 'LoRA 16-bit'}, "
                   f"r={r.r})"),
-        ("device", r.device),
+        ("device", r.device if r.devices == 1 else f"{r.devices} x {r.device} (DDP)"),
         ("steps", f"{r.steps:,} of {r.total_steps:,}" + ("  (stopped early)" if r.stopped_early else "")),
         ("time", _duration(r.seconds)),
-        ("tokens/s", f"{r.tokens_per_s:,.0f}  ({r.tokens:,} tokens)"),
-        ("peak memory", f"{r.peak_gib:.2f} GiB ({r.peak_kind}, training)"),
+        ("tokens/s", f"{r.tokens_per_s:,.0f}  ({r.tokens:,} tokens{', all devices' if r.devices > 1 else ''})"),
+        ("peak memory", f"{r.peak_gib:.2f} GiB ({r.peak_kind}, training{', rank 0' if r.devices > 1 else ''})"
+                        + (f"; estimated {r.estimate_gib:.1f}" if r.estimate_gib is not None else "")),
+        ("micro-batches", r.batches),
+        ("attention", r.attention),
+        ("loss", r.loss_kernel),
         ("final train loss", _num(r.train_loss)),
         ("best eval loss", f"{_num(r.best_eval_loss)} at step {r.best_eval_step or '-'}"),
         ("overfitting alarms", str(r.alarms)),
@@ -170,4 +188,6 @@ def command_line(argv: list[str] | None = None) -> str:
     argv = sys.argv if argv is None else argv
     via_kit = Path(argv[0]).name in ("kit", "cli.py")  # `kit train …` or `python -m kit.cli train …`
     head = ["kit"] if via_kit else [Path(sys.executable).name, "-m", "kit.recipes.llama31_sft"]
+    if env.world_size() > 1:  # one of several processes torchrun started
+        head = ["torchrun", "--standalone", f"--nproc_per_node={env.world_size()}", "-m", "kit.recipes.llama31_sft"]
     return shlex.join(head + argv[1:])

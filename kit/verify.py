@@ -4,6 +4,11 @@ and logit differences; exit 1 when a target disagrees beyond its threshold.
 
 Token agreement: the share of the reference's greedy tokens a target reproduces before it first
 differs, averaged over prompts. Max |Δlogit|: over the prompt and the reference continuation.
+
+A served adapter must also change something: its row "server:NAME vs base" is the share of prompts whose
+answer the adapter changes locally (base + adapter against the base alone) where the server's answer with
+the adapter differs from its answer with the base (the base that /v1/models names as the adapter's parent).
+A failing server row names the likely cause.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from kit import env
+from kit.adapters import Api, v1
+from kit.errors import ServerError
 from kit.llama import PAD_ID, STOP_TOKEN_IDS
 from kit.rundir import RunDir
 
@@ -22,7 +29,8 @@ PROMPTS = ["대한민국의 수도는 어디인가요?", "배치 크기란 무�
 # Agreement below 100% is allowed for 16-bit targets: a near-tie between two tokens can flip on rounding,
 # which the logit bound (on the reference's own tokens) still catches when it is more than rounding.
 THRESHOLDS = {"merged16": (0.8, 0.5), "gguf-f16": (0.8, 0.5), "gguf-bf16": (0.8, 1.0), "gguf-q8_0": (0.5, None),
-              "gguf-q4_k_m": (None, None), "gguf-q5_k_m": (None, None), "server": (0.9, None)}
+              "gguf-q4_k_m": (None, None), "gguf-q5_k_m": (None, None), "server": (0.9, None),
+              "adapter effect": (0.8, None)}
 
 
 @dataclass
@@ -30,8 +38,11 @@ class Result:
     target: str
     agreement: float
     max_logit_diff: Optional[float]
-    stopped: bool          # every continuation ended at a stop token, as the reference's did
+    stopped: Optional[bool]  # every continuation ended at a stop token, as the reference's did
     passed: bool
+    kind: str = "server"     # its THRESHOLDS entry
+    problem: Optional[str] = None
+    """The likely cause, when it failed."""
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -75,13 +86,13 @@ def gguf_run(llm, ids: list[int], max_new: int, ref_seq: list[int]) -> tuple[lis
 
 def _judge(target: str, agrees: list[float], diffs: list[float], stops: list[bool]) -> Result:
     kind = target if target in THRESHOLDS else "server"
-    min_agree, max_diff = THRESHOLDS.get(kind, (None, None))
+    min_agree, max_diff = THRESHOLDS[kind]
     agree = sum(agrees) / len(agrees)
     diff = max(diffs) if diffs else None
     ok = (min_agree is None or agree >= min_agree) and (max_diff is None or diff is None or diff <= max_diff)
     if min_agree is not None:
         ok = ok and all(stops)
-    return Result(target, agree, diff, all(stops), ok)
+    return Result(target, agree, diff, all(stops), ok, kind)
 
 
 def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] = None,
@@ -107,7 +118,9 @@ def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] =
         results.append(_compare(gguf_file.parent.name, refs,
                                 lambda ids, seq, llm=llm: gguf_run(llm, ids, max_new, seq)))
     if url:
-        results.append(_server(url, model_name, tok, prompts, refs, max_new))
+        with ref_model.disable_adapter():  # the base alone: what the adapter changes
+            base_conts = [hf_run(ref_model, ids, max_new)[0] for ids, _, _ in refs]
+        results += _server(url, model_name, tok, prompts, refs, base_conts, max_new)
     return results
 
 
@@ -122,30 +135,80 @@ def _compare(target: str, refs, run_one) -> Result:
     return _judge(target, agrees, diffs, stops)
 
 
-def _server(url, model_name, tok, prompts, refs, max_new) -> Result:
+def _server(url, model_name, tok, prompts, refs, base_conts, max_new) -> list[Result]:
+    """The server's answers against the reference; for an adapter, also against the server's base."""
     import openai
-    client = openai.OpenAI(base_url=url, api_key=env.api_key() or "none")
-    agrees, stops = [], []
-    for p, (_, cont, _) in zip(prompts, refs):
-        r = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": p}],
+    api = Api(v1(url), env.api_key())
+    served = {m["id"]: m for m in api.models()}
+    if model_name not in served:
+        raise ServerError(f"{api.url} serves no model named {model_name}; it serves: {', '.join(served)}.")
+    client = openai.OpenAI(base_url=api.url, api_key=api.key or "none")
+
+    def answer(model: str, prompt: str):
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                            temperature=0, max_tokens=max_new)
-        got = tok.encode(r.choices[0].message.content, add_special_tokens=False)
-        ref = [t for t in cont if t not in STOP_TOKEN_IDS]
-        agrees.append(agreement(ref, got) if ref else float(not got))
-        stops.append(r.choices[0].finish_reason == "stop" or cont[-1] not in STOP_TOKEN_IDS)
-    return _judge(f"server:{model_name}", agrees, [], stops)
+        return tok.encode(r.choices[0].message.content, add_special_tokens=False), r.choices[0].finish_reason
+
+    agrees, stops, got = [], [], []
+    for p, (_, cont, _) in zip(prompts, refs):
+        tokens, finish = answer(model_name, p)
+        ref = _text(cont)
+        agrees.append(agreement(ref, tokens) if ref else float(not tokens))
+        stops.append(finish == "stop" or cont[-1] not in STOP_TOKEN_IDS)
+        got.append(tokens)
+    result = _judge(f"server:{model_name}", agrees, [], stops)
+    base = served[model_name].get("parent")
+    if base is None:  # a base or merged model: no adapter to tell apart
+        return [result]
+    served_base = [answer(base, p)[0] for p in prompts]
+    ref_texts, base_texts = [_text(c) for _, c, _ in refs], [_text(c) for c in base_conts]
+    changed = [i for i, (a, b) in enumerate(zip(ref_texts, base_texts)) if a != b]
+    share = sum(got[i] != served_base[i] for i in changed) / len(changed) if changed else 0.0
+    effect = Result(f"server:{model_name} vs base", share, None, None,
+                    bool(changed) and share >= THRESHOLDS["adapter effect"][0], "adapter effect")
+    base_agreement = sum(agreement(b, s) if b else float(not s) for b, s in zip(base_texts, served_base)) / len(refs)
+    for r in (result, effect):
+        if not r.passed:
+            r.problem = _cause(model_name, base, bool(changed), base_agreement, share)
+    return [result, effect]
+
+
+def _text(continuation: list[int]) -> list[int]:
+    """A greedy continuation as a server returns it: its text's tokens, without the stop token."""
+    return [t for t in continuation if t not in STOP_TOKEN_IDS]
+
+
+def _cause(name: str, base: str, changes_locally: bool, base_agreement: float, share: float) -> str:
+    """The likely cause of a served adapter that disagrees with base + adapter, or changes nothing."""
+    if not changes_locally:
+        return ("the adapter changes none of these answers, even locally (base + adapter answers as the base alone): "
+                "its lora_B weights are zero or nearly so, i.e. untrained (LoRA starts with lora_B = 0). Check the "
+                "run's loss (metrics.jsonl) and that adapter/ was saved after training.")
+    if base_agreement < THRESHOLDS["server"][0]:
+        return (f"the server's base model ({base}) answers unlike the local base: it is another base than the one "
+                "the adapter was trained on, or the server renders another chat template than training (kit serve "
+                "passes the adapter's tokenizer, with the template trained on). Serve it with: kit serve RUN_DIR.")
+    if share < THRESHOLDS["adapter effect"][0]:
+        return (f"vLLM serves {name} but answers as its base does: it did not apply the adapter's weights. Likely "
+                "their names: vLLM matches base_model.model.model.layers.N.<projection>.lora_A/lora_B and skips "
+                "other module-name prefixes. Re-save the adapter with PEFT, or serve the merged export (kit export "
+                "RUN_DIR --to merged16, then kit serve RUN_DIR --merged).")
+    return (f"vLLM applies {name}, but its answers are not base + adapter's: part of the adapter is applied otherwise "
+            "than by PEFT (module names vLLM does not match for some projections, or the scaling: lora_alpha, "
+            "use_rslora), or the server quantizes the weights (kit serve --fp8).")
 
 
 def table(results: list[Result]) -> str:
     rows = [("target", "token agreement", "max |Δlogit|", "stops", "threshold", "verdict")]
     for r in results:
-        kind = r.target if r.target in THRESHOLDS else "server"
-        a, d = THRESHOLDS[kind]
+        a, d = THRESHOLDS[r.kind]
         thr = ", ".join(x for x in [f">= {a:.0%}" if a is not None else "", f"<= {d}" if d is not None else ""] if x)
         rows.append((r.target, f"{r.agreement:.0%}", "-" if r.max_logit_diff is None else f"{r.max_logit_diff:.4f}",
-                     "yes" if r.stopped else "no", thr or "reported only", "ok" if r.passed else "DISAGREES"))
+                     {True: "yes", False: "no", None: "-"}[r.stopped], thr or "reported only",
+                     "ok" if r.passed else "DISAGREES"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines + [f"{r.target}: {r.problem}" for r in results if r.problem])
 
 
 def add_arguments(p) -> None:

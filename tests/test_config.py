@@ -141,6 +141,7 @@ def test_train_fields_pass_through_to_sft_config_by_name_or_are_kit_only():
     from trl import SFTConfig
 
     from kit.backend import Backend, Device
+    from kit.plan import execution
     from kit.rundir import RunDir
     from kit.train import sft_config
     sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -149,12 +150,15 @@ def test_train_fields_pass_through_to_sft_config_by_name_or_are_kit_only():
     cfg = load_config(None, ["train.per_device_eval_batch_size=3", "train.lr_scheduler_type=cosine",
                              "train.weight_decay=0.01", "train.save_total_limit=2", "train.seed=7",
                              "train.warmup_ratio=0.2", "train.max_steps=9", "train.eval_steps=5"])
-    args = sft_config(cfg, Backend("hf", Device("cpu", "cpu", False), "fp32"), RunDir(ROOT / "runs" / "unused"))
+    how = execution(cfg, None, cuda=False, card_gib=None, steps=9)
+    args = sft_config(cfg, Backend("hf", Device("cpu", "cpu", False), "fp32"), RunDir(ROOT / "runs" / "unused"), how)
     passed = cfg.train.training_arguments()
     assert set(passed) == {f.name for f in dataclasses.fields(TrainConfig)} - set(TRAIN_KIT_ONLY)
     for name, value in passed.items():
         assert getattr(args, name) == value, name
     assert args.warmup_steps == 0.2 and args.gradient_checkpointing is False
+    assert args.train_sampling_strategy == how.sampling == "random"  # auto on CPU: the guide's random batches
+    assert args.padding_free is how.padding_free is False
 
 
 def test_yaml_bare_no_means_the_strategy_no(tmp_path):

@@ -102,13 +102,13 @@ def test_csv_and_parquet_and_folder(tmp_path, tokenizer):
 def test_row_missing_field_names_file_and_row(tmp_path, tokenizer):
     f = tmp_path / "d.jsonl"
     f.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl, row 2: field 'output' is missing or empty"):
+    with pytest.raises(DataError, match=r"d\.jsonl, line 2: field 'output' is missing or empty"):
         _prep(f, tokenizer)
 
 
 @pytest.mark.parametrize("content, expected", [
     ("", "empty"),
-    ('{"instruction": "a", "output": "b"\n', "could not be read as json"),
+    ('{"instruction": "a", "output": "b"\n', "line 1: not valid JSON"),
 ])
 def test_empty_and_unreadable_files(tmp_path, tokenizer, content, expected):
     f = tmp_path / "d.jsonl"
@@ -140,13 +140,13 @@ def test_overlong_examples_truncated_or_dropped_and_counted(tmp_path, tokenizer)
     t = _prep(f, tokenizer, max_len=64)
     assert t.truncated == 1 and len(t.dataset) == 2 and max(len(x) for x in t.dataset["input_ids"]) == 64
     d = _prep(f, tokenizer, max_len=64, overlong="drop")
-    assert d.dropped_overlong == [2] and len(d.dataset) == 1
+    assert d.dropped_overlong == [f"{f}, line 2"] and len(d.dataset) == 1
 
 
 def test_every_label_masked_is_an_error_naming_rows(tmp_path, tokenizer):
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps({"instruction": "아주 긴 질문 " * 100, "output": "답"}) for _ in range(3)))
-    with pytest.raises(DataError, match=r"rows \[1, 2, 3\]"):
+    with pytest.raises(DataError, match=r"d\.jsonl, line 1; .*d\.jsonl, line 2; .*d\.jsonl, line 3\)"):
         _prep(f, tokenizer, max_len=64)
 
 

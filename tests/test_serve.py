@@ -96,3 +96,10 @@ def test_verify_compares_the_server_with_base_plus_adapter(server, demo_run):
     results = verify(demo_run[0], server[0].url + "/v1", "demo", prompts)
     srv = [r for r in results if r.target == "server:demo"][0]
     assert srv.agreement == 1.0 and srv.stopped and srv.passed
+
+
+def test_adapters_load_needs_a_server_started_with_runtime_adapters(server, demo_run, capsys):
+    from kit.cli import main
+    assert main(["adapters", "load", server[0].url + "/v1", str(demo_run[0]), "--name", "again"]) == 2
+    err = capsys.readouterr().err
+    assert "does not accept runtime adapters" in err and "--allow-runtime-adapters" in err

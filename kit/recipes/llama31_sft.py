@@ -4,6 +4,7 @@
     python -m kit.recipes.llama31_sft --config demo                    # tiny model, CPU, minutes
     python -m kit.recipes.llama31_sft train.learning_rate=2e-4 lora.r=32 data.path=./my.jsonl
     python -m kit.recipes.llama31_sft --plan                           # steps, checkpoints; no model
+    python -m kit.recipes.llama31_sft --devices 2                      # 2 GPUs, one process each (torchrun)
 
 --config names a recipe shipped in the kit (llama31_sft, demo) or a YAML file of your own.
 Backends: Unsloth (default; its CUDA kernels, or its CPU fallback) or transformers + PEFT (model.backend=hf).
@@ -14,17 +15,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import sys
+from pathlib import Path
+from typing import Optional
 
-from kit import report, rundir
-from kit.backend import activate
+from kit import distributed, hub, report, rundir
+from kit.backend import activate, check_machine
 from kit.config import DEFAULT_RECIPE, Config, describe, load_config, shipped_recipes, to_yaml
 from kit.data import load_data
-from kit.errors import KitError
+from kit.errors import ConfigError, KitError, exit_with
 from kit.export import export
-from kit.io import atomic_write_text, write_json
-from kit.plan import make_plan
+from kit.io import write_json
+from kit.plan import Plan, execution, make_plan
 from kit.rundir import RunDir, save_adapter
 from kit.template import load_tokenizer
 from kit.tiny import build_random_model
@@ -37,36 +41,54 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
     p.add_argument("--config", help=f"a shipped recipe ({', '.join(shipped_recipes())}) or a recipe YAML file "
                                     f"(default: {DEFAULT_RECIPE})")
     p.add_argument("--plan", action="store_true", help="print the step plan and exit; loads no model")
-    p.add_argument("--examples", type=int, help="with --plan: assume this many training examples (no data read)")
+    p.add_argument("--examples", type=_count, help="with --plan: assume this many training examples (no data read)")
+    p.add_argument("--devices", type=_count, metavar="N", help="train on N GPUs of this machine, one process each "
+                                                                "(DDP, through torchrun); with --plan: plan for N")
     p.add_argument("--help-config", action="store_true", help="list every setting with its default")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.learning_rate=2e-4 lora.r=32")
     return p.parse_args(argv)
 
 
-def run(cfg: Config, plan_only: bool = False) -> None:
+def _count(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of 1 or more")
+    return int(text)
+
+
+def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices: int = 1) -> None:
+    """Train as this process's part of `world` (one process, or the ranks torchrun started); plan_only: print
+    the plan for `devices` devices."""
     # ---------------------------------------------------------------- setup
-    backend = activate(cfg)  # checks this machine, then imports Unsloth before anything imports transformers/TRL
+    hub.check_models(cfg)  # in seconds, where the Hub client would retry for a minute
+    backend = activate(cfg, world)  # checks this machine, joins the other ranks, imports Unsloth before TRL
+    # the run directory, before the model and the data load; rank 0 creates it, the others wait for it
+    resume = None if plan_only else distributed.on_main(world, start_run, cfg, world.size)
     from kit import train  # the import boundary: transformers, TRL and PEFT come in here, after Unsloth
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer_source, cfg.model.revision)
-    data = load_data(cfg, tokenizer)
-    plan = train.plan(cfg, data)
-    print(f"plan for {cfg.run_dir} ({cfg.data.path}):\n{plan.render()}")
+    # rank 0 first: the others read what it downloaded and cached
+    tokenizer = distributed.main_first(world, load_tokenizer, cfg.model.tokenizer_source, cfg.model.revision)
+    data = distributed.main_first(world, load_data, cfg, tokenizer)
+    plan = train.plan(cfg, backend, data, devices)  # training: devices is the world's size (main)
+    if world.main:
+        print(f"plan for {cfg.run_dir} ({cfg.data.path}):\n{plan.render()}")
     if plan_only:
         return
+    if resume is not None:
+        rundir.check_unfinished(resume, plan.total_steps)
     run_dir = RunDir(cfg.run_dir)
-    resume = rundir.start(cfg)
     base = cfg.model.name
     if cfg.model.random_shape is not None:
-        base = str(build_random_model(cfg.model.random_shape, cfg.model.random_seed, run_dir.base_model).resolve())
-    atomic_write_text(run_dir.config, to_yaml(cfg))
+        shape, seed = cfg.model.random_shape, cfg.model.random_seed
+        base = str(distributed.on_main(world, build_random_model, shape, seed, run_dir.base_model).resolve())
     record = report.manifest(cfg, backend, data, plan, base)
-    write_json(run_dir.manifest, {**record, "status": "training"})
+    begin = functools.partial(rundir.begin, run_dir, to_yaml(cfg), {**record, "status": "training"}, resume)
 
     # ---------------------------------------------------------------- train
-    trained = train.train(cfg, backend, tokenizer, data, run_dir, base, resume)
+    trained = train.train(cfg, backend, tokenizer, data, run_dir, base, resume, plan.execution, begin)
+    if not world.main:
+        return
 
-    # ---------------------------------------------------------------- save
+    # ---------------------------------------------------------------- save (rank 0)
     adapter = save_adapter(trained.model, tokenizer, run_dir.adapter, base)
     result = report.finish(cfg, run_dir, backend, plan, trained, adapter)
     write_json(run_dir.manifest, {**record, "result": dataclasses.asdict(result), "overfit_alarms": trained.alarms})
@@ -75,21 +97,56 @@ def run(cfg: Config, plan_only: bool = False) -> None:
         print(f"exported {fmt} to {export(run_dir.path, fmt, cfg.export.gguf_quant)}")
 
 
+def start_run(cfg: Config, devices: int) -> Optional[Path]:
+    """The run directory, created; on resume, the checkpoint to go on from, written by as many processes."""
+    resume = rundir.start(cfg)
+    if resume is not None:
+        rundir.check_devices(resume, devices)
+    return resume
+
+
+def launch(cfg: Config, devices: int, argv: list[str]) -> None:
+    """--devices N: check once what would stop the N processes, then let torchrun start them."""
+    hub.check_models(cfg)
+    check_machine(cfg, distributed.World(size=devices, local_size=devices))
+    start_run(cfg, devices)  # the run directory, as rank 0 will find it
+    distributed.launch(devices, argv)
+
+
+def plan_without_data(cfg: Config, examples: int, devices: int = 1) -> Plan:
+    """--plan --examples N: the step arithmetic, and the GPU memory for the worst case (no data read).
+    A 4-bit model or a memory budget means the plan is for a CUDA GPU."""
+    steps = make_plan(cfg, examples, devices=devices)
+    cuda = cfg.model.load_in_4bit or cfg.model.gpu_memory_gib is not None
+    how = execution(cfg, None, cuda=cuda, card_gib=None, steps=steps.total_steps, devices=devices)
+    return dataclasses.replace(steps, execution=how)
+
+
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s kit: %(message)s")
-    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
+    world = distributed.world()
+    # rank 0 speaks for the run: the other ranks log only errors
+    logging.basicConfig(level=logging.INFO if world.main else logging.ERROR, format="%(levelname)s kit: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv, prog)
     if args.help_config:
         print(describe())
         return 0
     try:
         cfg = load_config(args.config or DEFAULT_RECIPE, args.overrides)
+        devices = args.devices or world.size
+        if world.size > 1 and devices != world.size:
+            raise ConfigError(f"--devices {devices}: this process is one of {world.size} that the launcher started; "
+                              f"pass --devices {world.size} or leave it out.")
         if args.plan and args.examples is not None:
-            print(make_plan(cfg, args.examples).render())
+            print(plan_without_data(cfg, args.examples, devices).render())
+        elif devices > world.size and not args.plan:
+            launch(cfg, devices, argv)
         else:
-            run(cfg, plan_only=args.plan)
+            run(cfg, world, plan_only=args.plan, devices=devices)
     except KitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_with(e) if world.main else 2  # every rank meets the same problem; rank 0 reports it
+    finally:
+        distributed.leave(world)
     return 0
 
 

@@ -1,0 +1,301 @@
+"""Training speed on one CUDA GPU, side by side in one call: the kit's recipe as shipped, Unsloth called
+directly on full 2,048-token rows, and the HF backend, on one log-normal length mix of Korean
+KoAlpaca-format rows. Reports steady-state real tokens/s and peak GPU memory (docs/benchmarks.md).
+
+    python bench/train_speed.py table --work /tmp/kitspeed          # the whole table, one subprocess a row
+    python bench/train_speed.py data OUT.jsonl                       # the length mix alone
+    python bench/train_speed.py prepare --work W                     # the mix and the random 8B model
+    python bench/train_speed.py kit --work W --label NAME [key=value ...]   # one recipe run -> one JSON line
+    python bench/train_speed.py direct --work W [--shape 4x2048 ...] [--no-checkpointing]   # Unsloth called directly
+    add --profile N to `kit` or `direct`: torch.profiler over optimizer step N+1, where time went
+
+Steady state = real (non-padding) tokens between the first logged step >= 2 and the last one, over the
+time between them; the figure "with warm-up" counts the whole run. Peak = torch.cuda.max_memory_allocated
+from the start of training. The model is a random-weight Llama-3.1-8B shape (speed does not depend on
+the weights); QLoRA nf4, LoRA r=16 on all 7 projections, max_seq_length 2048, as recipes/llama31_sft.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MEDIAN_TOKENS, SIGMA, CAP = 230, 0.9, 2040   # p95 = 230 * exp(1.645 * 0.9) ~ 1,000 tokens
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------- data
+
+def make_data(out: Path, rows: int, seed: int = 0) -> dict:
+    """KoAlpaca rows whose rendered length (template included) follows the log-normal mix."""
+    from kit.data import SAMPLE_FILE
+    from kit.template import load_tokenizer, render
+    tok = load_tokenizer("bundled")
+    sample = [json.loads(line) for line in SAMPLE_FILE.read_text(encoding="utf-8").splitlines()]
+    rng = random.Random(seed)
+    overhead = len(tok(render([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}])[0],
+                       add_special_tokens=False)["input_ids"])
+    lengths = []
+    with open(out, "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            target = int(min(max(rng.lognormvariate(math.log(MEDIAN_TOKENS), SIGMA), overhead + 24), CAP))
+            q = rng.choice(sample)["instruction"]
+            need = max(target - overhead - len(tok(q, add_special_tokens=False)["input_ids"]), 4)
+            ids: list[int] = []
+            while len(ids) < need:
+                ids += tok(rng.choice(sample)["output"] + "\n", add_special_tokens=False)["input_ids"]
+            answer = tok.decode(ids[:need])
+            f.write(json.dumps({"instruction": q, "input": "", "output": answer}, ensure_ascii=False) + "\n")
+            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
+            lengths.append(len(tok(render(msgs)[0], add_special_tokens=False)["input_ids"]))
+    lengths.sort()
+    return {"rows": rows, "median": lengths[len(lengths) // 2], "mean": round(statistics.mean(lengths)),
+            "p95": lengths[int(0.95 * len(lengths))], "max": lengths[-1]}
+
+
+# ---------------------------------------------------------------- profiling
+
+class StepProfiler:
+    """torch.profiler over optimizer steps first+1 .. first+steps, driven by torch's global optimizer hook
+    (so the recipe runs unchanged); prints where GPU and host time went."""
+
+    def __init__(self, first: int, steps: int = 1):
+        import torch
+        self.torch, self.first, self.steps, self.n, self.marks = torch, first, steps, 0, []
+        self.cuda = torch.cuda.is_available()
+        activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * self.cuda
+        self.prof = torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=max(first - 1, 0), warmup=1, active=steps, repeat=1))
+        # the active window is optimizer steps first+1 .. first+steps; time it between the steps' ends
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        register_optimizer_step_post_hook(self._after_step)
+
+    def _after_step(self, *_):
+        self.n += 1
+        if self.n in (self.first, self.first + self.steps):
+            if self.cuda:
+                self.torch.cuda.synchronize()
+            self.marks.append(time.perf_counter())
+        self.prof.step()
+
+    def __enter__(self):
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.prof.__exit__(*exc)
+        self.report()
+
+    def report(self) -> None:
+        events = self.prof.key_averages()
+        wall = (self.marks[-1] - self.marks[0]) if len(self.marks) >= 2 else float("nan")
+        gpu = sum(e.self_device_time_total for e in events) / 1e6
+        counts = {name: next((e.count for e in events if e.key == name), 0)
+                  for name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
+                               "cudaLaunchKernel", "cudaMemcpyAsync")}
+        print(json.dumps({"profile_steps": self.steps, "wall_s": round(wall, 3), "gpu_kernel_s": round(gpu, 3),
+                          "gpu_busy": round(gpu / wall, 3) if wall == wall else None, "calls": counts}), flush=True)
+        print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70), flush=True)
+        print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70), flush=True)
+
+
+# ---------------------------------------------------------------- one kit run
+
+def steady(metrics: list[dict]) -> dict:
+    rows = [m for m in metrics if "loss" in m and "num_input_tokens_seen" in m and "train_runtime" in m]
+    first = next((m for m in rows if m["step"] >= 2), None)
+    last = rows[-1] if rows else None
+    if first is None or last is first:
+        return {}
+    tokens = last["num_input_tokens_seen"] - first["num_input_tokens_seen"]
+    seconds = last["train_runtime"] - first["train_runtime"]
+    return {"steady_tokens_per_s": round(tokens / seconds), "steady_steps": [first["step"], last["step"]],
+            "warm_tokens_per_s": round(last["num_input_tokens_seen"] / last["train_runtime"])}
+
+
+def run_kit(a, overrides: list[str]) -> dict:
+    """The recipe, in this process (so a profiler can watch it), exactly as a user runs it."""
+    from kit.recipes.llama31_sft import main
+    runs = Path(a.work) / "runs"
+    argv = ["--config", "llama31_sft", f"model.name={a.model}",
+            f"data.path={a.data}", f"train.max_steps={a.steps}", "train.eval_strategy=no",
+            "train.save_strategy=no", f"run.output_dir={runs}", f"run.name={a.label}", "run.overwrite=true",
+            *overrides]
+    if a.profile:
+        with StepProfiler(a.profile):
+            rc = main(argv)
+    else:
+        rc = main(argv)
+    run_dir = runs / a.label
+    if rc != 0:
+        return {"label": a.label, "error": f"recipe exited {rc}"}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    res = manifest["result"]
+    return {"label": a.label, "overrides": overrides, **steady(metrics), "peak_gib": round(res["peak_gib"], 2),
+            "estimate_gib": res["estimate_gib"], "batches": res["batches"], "attention": res["attention"],
+            "loss_kernel": res["loss_kernel"], "steps": res["steps"],
+            "losses": [[m["step"], round(m["loss"], 4)] for m in metrics if "loss" in m]}
+
+
+# ---------------------------------------------------------------- Unsloth called directly
+
+def run_direct(a) -> list[dict]:
+    """Unsloth's own model and LoRA, a plain loop (no Trainer, one sync per step) on random tokens.
+    Each --shape ROWSxLENGTH in turn on the one loaded model, the peak reset before each; with --ragged
+    the rows of a shape are 60-100% real tokens, right-padded as a padded batch is."""
+    import torch
+    from unsloth import FastLanguageModel  # before transformers, as Unsloth asks
+    model, _ = FastLanguageModel.from_pretrained(model_name=a.model, max_seq_length=a.seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=True, use_exact_model_name=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none", target_modules=PROJECTIONS, random_state=42,
+        use_gradient_checkpointing=False if a.no_checkpointing else "unsloth", max_seq_length=a.seq)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    results = []
+    for shape in a.shape:
+        rows, width = map(int, shape.split("x"))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        profiler = StepProfiler(a.profile) if a.profile and shape == a.shape[0] else None
+        if profiler:
+            profiler.__enter__()
+        losses, real, t_start = [], 0, time.perf_counter()
+        for step in range(a.steps):
+            if step == 2:
+                torch.cuda.synchronize()
+                t0, real = time.perf_counter(), 0
+            ids = torch.randint(0, 128000, (rows, width), device="cuda", generator=gen)
+            batch = {"input_ids": ids, "labels": ids}
+            if a.ragged:
+                lengths = torch.randint(int(0.6 * width), width + 1, (rows,), device="cuda", generator=gen)
+                mask = (torch.arange(width, device="cuda")[None, :] < lengths[:, None]).long()
+                batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+                real += int(lengths.sum())
+            else:
+                real += rows * width
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        torch.cuda.synchronize()
+        end = time.perf_counter()
+        if profiler:
+            profiler.__exit__(None, None, None)
+        padded = rows * width * (a.steps - 2)
+        results.append({"label": f"{a.label}-{shape}", "shape": shape, "ragged": a.ragged,
+                        "checkpointing": not a.no_checkpointing,
+                        "steady_tokens_per_s": round(real / (end - t0)),
+                        "padded_tokens_per_s": round(padded / (end - t0)),
+                        "s_per_step": round((end - t0) / (a.steps - 2), 4),
+                        "warm_s": round(t0 - t_start, 1),
+                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                        "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+# ---------------------------------------------------------------- the table
+
+def prepare(work: Path, rows: int) -> tuple[Path, Path]:
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "lognormal.jsonl"
+    if not data.exists():
+        print(json.dumps({"data": str(data), **make_data(data, rows)}), flush=True)
+    from kit.tiny import build_random_model
+    t = time.time()
+    model = build_random_model("8b", 0, work / "base-8b")
+    print(json.dumps({"model": str(model), "built_s": round(time.time() - t, 1)}), flush=True)
+    return data, model
+
+
+def child(work: Path, *args: str) -> dict:
+    """One measurement in a fresh process (its own CUDA context and peak); its last JSON line."""
+    log = work / f"{args[args.index('--label') + 1]}.log"
+    with open(log, "w") as fh:
+        subprocess.run([sys.executable, __file__, *args], cwd=work, stdout=fh, stderr=subprocess.STDOUT)
+    lines = log.read_text(errors="replace").splitlines()
+    for line in lines:
+        if line.startswith("Unsloth:") or "🦥" in line or "xformers" in line.lower():
+            print(f"  [{log.stem}] {line.strip()[:200]}")
+    result = next((json.loads(line) for line in reversed(lines) if line.startswith('{"label"')), None)
+    return result or {"label": log.stem, "error": "no result; see " + str(log), "tail": lines[-15:]}
+
+
+TABLE = {  # label: (kind, optimizer steps, extra arguments: recipe overrides for kit rows)
+    "kit-default": ("kit", 10, []),
+    "unsloth-direct-full-rows": ("direct", 6, ["--shape", "4x2048"]),  # Unsloth's own rate on full rows
+    "kit-24gib": ("kit", 8, ["model.gpu_memory_gib=24"]),
+    "kit-8gib": ("kit", 6, ["model.gpu_memory_gib=8"]),
+    "kit-hf-backend": ("kit", 4, ["model.backend=hf"]),
+}
+
+
+def table(a) -> None:
+    work = Path(a.work)
+    data, model = prepare(work, a.rows)
+    rows = []
+    for label in a.only or TABLE:
+        kind, steps, extra = TABLE[label]
+        common = ["--work", str(work), "--label", label, "--model", str(model), "--steps", str(steps)]
+        res = child(work, kind, *common, *(["--data", str(data)] if kind == "kit" else []), *extra)
+        print(json.dumps(res), flush=True)
+        rows.append(res)
+    base = next((r.get("steady_tokens_per_s") for r in rows if r["label"].startswith("unsloth-direct")), None)
+    print(f"\n{'run':<26} {'tokens/s steady':>15} {'with warm-up':>12} {'vs direct':>9} {'peak GiB':>9} "
+          f"{'estimate':>8}  micro-batches")
+    for r in rows:
+        steady_rate = r.get("steady_tokens_per_s")
+        ratio = f"{steady_rate / base:.2f}x" if steady_rate and base else "-"
+        estimate = f"{r['estimate_gib']:.1f}" if r.get("estimate_gib") else "-"
+        print(f"{r['label']:<26} {steady_rate or '-':>15} {r.get('warm_tokens_per_s', '-'):>12} {ratio:>9} "
+              f"{r.get('peak_gib', '-'):>9} {estimate:>8}  {r.get('batches', '')}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("out", type=Path)
+    d.add_argument("--rows", type=int, default=3000)
+    for name in ("prepare", "kit", "direct", "table"):
+        s = sub.add_parser(name)
+        s.add_argument("--rows", type=int, default=1500, help="rows of the length mix")
+        s.add_argument("--only", nargs="+", choices=list(TABLE), help="table: these rows only")
+        s.add_argument("--work", default="/tmp/kitspeed")
+        s.add_argument("--label", default=name)
+        s.add_argument("--model", help="model folder (default: the random 8B shape built under --work)")
+        s.add_argument("--data")
+        s.add_argument("--steps", type=int, default=12, help="optimizer steps (kit) or steps (direct)")
+        s.add_argument("--profile", type=int, default=0, help="profile optimizer step N+1")
+        s.add_argument("--shape", nargs="+", default=["4x2048"], help="direct: ROWSxLENGTH batches, in turn")
+        s.add_argument("--ragged", action="store_true", help="direct: rows 60-100%% real, right-padded")
+        s.add_argument("--seq", type=int, default=2048)
+        s.add_argument("--no-checkpointing", action="store_true")
+    a, rest = p.parse_known_args()
+    if a.cmd == "data":
+        print(json.dumps(make_data(a.out, a.rows)))
+    elif a.cmd == "prepare":
+        prepare(Path(a.work), a.rows)
+    elif a.cmd == "kit":
+        print(json.dumps(run_kit(a, rest)), flush=True)
+    elif a.cmd == "direct":
+        run_direct(a)
+    else:
+        table(a)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

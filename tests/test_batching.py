@@ -1,0 +1,106 @@
+"""How a run's steps execute, decided before any weights load and checked on CPU: the plan's largest
+micro-batch is the one transformers' batch_rebalance sampler really yields; TRL's padding-free collation
+of the kit's examples restarts positions and masks every boundary; the memory budget picks the split and
+checkpointing, and the estimate lands near the peaks measured on the GPU."""
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from kit.config import load_config
+from kit.memory import largest_micro_batch
+from kit.plan import make_plan
+
+
+def _examples(n, seed=0):
+    rng = random.Random(seed)
+    lengths = [int(min(max(rng.lognormvariate(5.4, 0.9), 24), 2040)) for _ in range(n)]
+    return [{"input_ids": [rng.randrange(1000, 9000) for _ in range(k)],
+             "labels": [-100] * (k // 2) + [1] * (k - k // 2)} for k in lengths]
+
+
+def test_planned_largest_micro_batch_is_what_the_trainer_yields(tmp_path, tokenizer):
+    rows = _examples(203)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=4,
+                             train_sampling_strategy="batch_rebalance", use_cpu=True, report_to="none",
+                             remove_unused_columns=False)
+    trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=Dataset.from_list(rows),
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    loader = trainer.get_train_dataloader()
+    shapes = [tuple(b["input_ids"].shape) for b in loader]
+    lengths = [len(r["input_ids"]) for r in rows]
+    planned, exact = largest_micro_batch(lengths, sampling="batch_rebalance", padding_free=False, batch=8,
+                                         grad_accum=4, devices=1, steps=7)
+    assert exact and planned == max(r * w for r, w in shapes)
+    # the same examples per optimizer step as the guide counts them: 203 / 32 -> 7 steps
+    cfg = load_config(None, ["train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=4"])
+    assert len(shapes) == 4 * make_plan(cfg, 203).steps_per_epoch == 28
+    # length-balanced: far less padding than batches of 8 in random order
+    padded = sum(r * w for r, w in shapes)
+    assert sum(lengths) / padded > 0.6, sum(lengths) / padded
+
+
+def test_padding_free_collation_of_kit_examples_keeps_them_apart(tokenizer):
+    from kit.data import load_rows, prepare
+    rows = load_rows("kit:ko_sample").select(range(5))
+    ds = prepare(rows, tokenizer, fmt="auto", fields={}, system_prompt=None, max_len=256, responses_only=True,
+                 overlong="truncate", source="sample").dataset
+    examples = [dict(e) for e in ds]
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    assert batch["input_ids"].shape == (1, sum(lengths))
+    assert (batch["position_ids"][0] == 0).nonzero().flatten().tolist() == starts
+    assert all(batch["position_ids"][0, s + n - 1] == n - 1 for s, n in zip(starts, lengths))
+    # the first token of each example (<|begin_of_text|>) is never a target, so no loss crosses a boundary
+    assert all(batch["labels"][0, s] == -100 for s in starts)
+    assert batch["labels"][0].tolist() == sum((e["labels"] for e in examples), [])
+
+
+LLAMA8B = ["model.name=meta-llama/Llama-3.1-8B-Instruct"]
+
+
+def _plan(overrides, cuda=True, card=79.2):
+    from kit.plan import execution
+    cfg = load_config("llama31_sft", LLAMA8B + overrides)
+    lengths = [len(e["input_ids"]) for e in _examples(400)]
+    return execution(cfg, lengths, cuda=cuda, card_gib=card if cuda else None, steps=12)
+
+
+def test_full_card_runs_each_step_in_one_padding_free_pass_without_recompute():
+    how = _plan([])
+    assert (how.batch, how.grad_accum, how.padding_free, how.sampling) == (32, 1, True, "batch_rebalance")
+    assert how.checkpointing is False and how.exact and how.memory.fits
+
+
+def test_smaller_budgets_turn_checkpointing_on_then_split_the_step():
+    on_24 = _plan(["model.gpu_memory_gib=24"])
+    assert on_24.checkpointing is True and (on_24.batch, on_24.grad_accum) == (32, 1) and on_24.memory.fits
+    on_8 = _plan(["model.gpu_memory_gib=8"])
+    assert on_8.checkpointing is True and on_8.batch * on_8.grad_accum == 32 and on_8.grad_accum > 1
+    assert on_8.memory.fits and on_8.memory.estimate.total_gib <= 8 * 0.9
+    assert on_8.largest_micro_batch < on_24.largest_micro_batch
+
+
+def test_settings_the_user_gave_are_kept():
+    padded = _plan(["train.padding_free=false", "train.gradient_checkpointing=true"])
+    assert not padded.padding_free and padded.checkpointing is True and (padded.batch, padded.grad_accum) == (8, 4)
+    hf = _plan(["model.backend=hf", "model.load_in_4bit=true"])
+    assert not hf.padding_free and hf.checkpointing is True and hf.memory is None  # estimate is Unsloth's
+    cpu = _plan(["model.load_in_4bit=false"], cuda=False)
+    assert (cpu.sampling, cpu.padding_free, cpu.checkpointing) == ("random", False, False)
+    assert (cpu.batch, cpu.grad_accum) == (8, 4)
+
+
+@pytest.mark.parametrize("tokens, checkpointing, measured_gib", [
+    # torch.cuda.max_memory_allocated, Llama-3.1-8B shape, QLoRA r=16 all-linear (docs/benchmarks.md)
+    (2048, False, 13.54), (8192, False, 36.14), (16384, False, 66.43), (2048, True, 6.52), (16384, True, 10.09)])
+def test_memory_estimate_lands_near_the_measured_peaks(tokens, checkpointing, measured_gib):
+    from kit.memory import base_model_config, estimate
+    got = estimate(base_model_config("random:8b", network=False), load_in_4bit=True, lora_r=16,
+                   targets=load_config(None).target_modules, optim="adamw_torch", tokens=tokens,
+                   checkpointing=checkpointing)
+    assert abs(got.total_gib / measured_gib - 1) < 0.05

