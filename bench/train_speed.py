@@ -6,6 +6,7 @@ KoAlpaca-format rows. Reports steady-state real tokens/s and peak GPU memory (do
     python bench/train_speed.py data OUT.jsonl                       # the length mix alone
     python bench/train_speed.py prepare --work W                     # the mix and the random 8B model
     python bench/train_speed.py kit --work W --label NAME [key=value ...]   # one recipe run -> one JSON line
+    python bench/train_speed.py kit --work W --label two --steps 20 --devices 2 train.gradient_accumulation_steps=2
     python bench/train_speed.py direct --work W [--shape 4x2048 ...] [--no-checkpointing]   # Unsloth called directly
     add --profile N to `kit` or `direct`: torch.profiler over optimizer step N+1, where time went
 
@@ -234,10 +235,15 @@ def child(work: Path, *args: str) -> dict:
 
 
 TABLE = {  # label: (kind, optimizer steps, extra arguments: recipe overrides for kit rows)
-    "kit-default": ("kit", 10, []),
+    "kit-default": ("kit", 40, []),
+    "kit-80gib": ("kit", 40, ["model.gpu_memory_gib=80"]),   # an 80 GB card's budget on a larger one
     "unsloth-direct-full-rows": ("direct", 6, ["--shape", "4x2048"]),  # Unsloth's own rate on full rows
-    "kit-24gib": ("kit", 8, ["model.gpu_memory_gib=24"]),
-    "kit-8gib": ("kit", 6, ["model.gpu_memory_gib=8"]),
+    "kit-24gib": ("kit", 40, ["model.gpu_memory_gib=24"]),
+    "kit-8gib": ("kit", 12, ["model.gpu_memory_gib=8"]),
+    "kit-length-grouped-padded": ("kit", 40, ["model.gpu_memory_gib=80", "train.padding_free=false",
+                                              "train.train_sampling_strategy=group_by_length"]),
+    "kit-old-default": ("kit", 24, ["train.padding_free=false", "train.train_sampling_strategy=random",
+                                    "train.gradient_checkpointing=true"]),   # padded random batches, recompute
     "kit-hf-backend": ("kit", 4, ["model.backend=hf"]),
 }
 

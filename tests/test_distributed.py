@@ -44,9 +44,10 @@ def test_guide_example_on_two_gpus_and_how_to_keep_one_gpus_batch():
 
 
 def test_plan_devices_on_a_machine_without_gpus(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "kit.recipes.llama31_sft", "--plan", "--examples", "2400",
-                          "--devices", "2", "train.save_strategy=epoch"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+    # options between overrides, as a user appends them
+    res = subprocess.run([sys.executable, "-m", "kit.recipes.llama31_sft", "--plan", "train.save_strategy=epoch",
+                          "--devices", "2", "train.logging_steps=5", "--examples", "2400"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     lines = {" ".join(line.split()) for line in res.stdout.splitlines()}
     assert {"effective batch 64 (batch x accumulation x 2 device(s))", "steps per epoch 38", "total steps 114",

@@ -1,6 +1,6 @@
-"""Padding-free batches keep examples apart on the GPU: each example's loss inside one packed row equals its
-loss run alone (bf16 noise), while the same row with positions that do not restart (one long sequence,
-attention across examples) does not. Skipped without a GPU; run through the device tool."""
+"""Padding-free batches keep examples apart on the GPU: each example's logits and loss inside one packed row
+equal those it has alone (bf16 noise), while the same row with positions that do not restart (one long
+sequence, attention across examples) does not. Skipped without a GPU; run through the device tool."""
 import json
 import os
 import subprocess
@@ -42,39 +42,41 @@ examples = [dict(e) for e in prepare(rows, tok, fmt="auto", fields={}, system_pr
                                       responses_only=True, overlong="truncate", source="sample").dataset]
 packed = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(examples)
 
-def losses(logits, labels, lengths):
-    out, start = [], 0
-    for n in lengths:
-        lg, lb = logits[0, start:start + n - 1].float(), labels[0, start + 1:start + n]
-        out.append(F.cross_entropy(lg, lb, ignore_index=-100).item())
-        start += n
-    return out
+def split(logits, lengths):
+    bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
+    return [logits[0, a:b].float().cpu() for a, b in zip(bounds, bounds[1:])]
+
+def loss(logits, labels):
+    return F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=-100).item()
 
 lengths = [len(e["input_ids"]) for e in examples]
-cuda = lambda t: t.to("cuda")
 with torch.no_grad():
-    alone = [losses(model(input_ids=cuda(torch.tensor([e["input_ids"]]))).logits, torch.tensor([e["labels"]]), [n])[0]
-             for e, n in zip(examples, lengths)]
-    ids, pos, labels = cuda(packed["input_ids"]), cuda(packed["position_ids"]), packed["labels"]
-    together = losses(model(input_ids=ids, position_ids=pos).logits.cpu(), labels, lengths)
+    alone = [model(input_ids=torch.tensor([e["input_ids"]], device="cuda")).logits[0].float().cpu() for e in examples]
+    ids, pos = packed["input_ids"].to("cuda"), packed["position_ids"].to("cuda")
+    together = split(model(input_ids=ids, position_ids=pos).logits, lengths)
     flat = torch.arange(ids.shape[1], device="cuda")[None]
-    crossed = losses(model(input_ids=ids, position_ids=flat).logits.cpu(), labels, lengths)
-print(json.dumps({"lengths": lengths, "alone": alone, "packed": together, "crossed": crossed,
-                  "position_ids_restart": int((packed["position_ids"] == 0).sum()),
-                  "boundary_labels": [int(packed["labels"][0, s]) for s in
-                                      torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()]}))
+    crossed = split(model(input_ids=ids, position_ids=flat).logits, lengths)
+rel = lambda a, b: ((a - b).norm() / a.norm()).item()
+print(json.dumps({"lengths": lengths,
+                  "loss_alone": [loss(lg, e["labels"]) for lg, e in zip(alone, examples)],
+                  "loss_packed": [loss(lg, e["labels"]) for lg, e in zip(together, examples)],
+                  "packed_rel": [rel(a, b) for a, b in zip(alone, together)],
+                  "crossed_rel": [rel(a, b) for a, b in zip(alone, crossed)],
+                  "position_ids_restart": int((packed["position_ids"] == 0).sum())}))
 """
 
 
 def test_packed_examples_have_the_losses_they_have_alone(tmp_path):
-    env = dict(os.environ, UNSLOTH_RETURN_LOGITS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, UNSLOTH_RETURN_LOGITS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     res = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
-    n = len(r["lengths"])
-    assert r["position_ids_restart"] == n and r["boundary_labels"] == [-100] * n
-    worst = max(abs(a - b) / a for a, b in zip(r["alone"], r["packed"]))
-    assert worst < 0.01, r                                 # bf16 noise
-    leaked = max(abs(a - b) / a for a, b in zip(r["alone"][1:], r["crossed"][1:]))
-    assert leaked > 5 * max(worst, 1e-3), r                # the comparison can tell attention across examples
+    assert r["position_ids_restart"] == len(r["lengths"])
+    noise = max(r["packed_rel"])
+    assert noise < 0.05, r                                  # per-example logits: bf16 noise through the layers
+    assert max(abs(a - b) / a for a, b in zip(r["loss_alone"], r["loss_packed"])) < 0.01, r
+    # the same row read as one sequence attends across examples: every example after the first changes (a
+    # random tiny model in fp32 on CPU: 0.6-0.8 of the logits' norm), so the comparison can tell
+    assert min(r["crossed_rel"][1:]) > 5 * max(noise, 1e-3), r

@@ -46,7 +46,7 @@ def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
                                                                 "(DDP, through torchrun); with --plan: plan for N")
     p.add_argument("--help-config", action="store_true", help="list every setting with its default")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.learning_rate=2e-4 lora.r=32")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may come between overrides: `a=1 --devices 2 b=2`
 
 
 def _count(text: str) -> int:
