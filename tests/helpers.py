@@ -1,6 +1,7 @@
 """What the tests share besides fixtures (those are in conftest.py)."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,10 @@ def decided_tokens(ref_logits, prompt_len: int, continuation: list[int], toleran
     margins = top1_margin(ref_logits[prompt_len - 1: prompt_len - 1 + len(continuation)])
     close = np.flatnonzero(margins <= 2 * tolerance)
     return int(close[0]) if close.size else len(continuation)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,6 +1,5 @@
 """The real vLLM server (CPU build, .venv-serve) with the demo's adapter, through the OpenAI client.
 The preflight alone, on a small adapter fixture: tests/test_preflight.py."""
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -10,22 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kit import preflight, serve
-from tests.helpers import question, train_rows
+from tests.helpers import free_port, question, train_rows
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(demo_run):
     run_dir = demo_run[0]
     p = preflight.check([run_dir])
-    srv = serve.start(p, port=_free_port(), log=run_dir.parent / "serve-test.log", timeout=600)
+    srv = serve.start(p, port=free_port(), log=run_dir.parent / "serve-test.log", timeout=600)
     try:
         yield srv, p
     finally:

@@ -15,13 +15,7 @@ import pytest
 from kit import preflight, serve
 from kit.cli import main
 from kit.errors import PreflightError
-from tests.helpers import edit_adapter_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import edit_adapter_config, free_port
 
 
 def _alive(pid: int) -> bool:
@@ -197,7 +191,7 @@ def test_a_port_in_use_is_refused_before_vllm_starts(adapter_run, fake_vllm, tmp
 
 @pytest.mark.parametrize("how", ["SIGHUP", "SIGKILL"])
 def test_vllm_ends_with_kit_serve(adapter_run, fake_vllm, tmp_path, how):
-    port = _free_port()
+    port = free_port()
     with open(tmp_path / "kit.out", "w") as log:
         kit = _kit_serve(adapter_run, port, fake_vllm, log)
     try:

@@ -5,7 +5,6 @@ process tree ending with kit serve when kit serve is killed with SIGKILL (the mo
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +15,15 @@ import pytest
 
 from kit import serve
 from kit.cli import main
-from tests.helpers import question, train_rows
+from tests.helpers import free_port, question, train_rows
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(demo_run, tmp_path_factory):
     """(the kit serve process, its /v1 URL)."""
-    port = _free_port()
+    port = free_port()
     out = tmp_path_factory.mktemp("runtime") / "kit-serve.out"
     with open(out, "w") as log:
         kit = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(demo_run[0]), "--allow-runtime-adapters",
