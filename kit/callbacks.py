@@ -1,8 +1,8 @@
-"""Trainer callbacks: metrics to JSONL, the guide's overfitting alarm, and checkpoint completeness.
-Behind the import boundary (see kit.backend): imported by kit.train after the backend is active."""
+"""Trainer callbacks: metrics to JSONL, sample answers, the trackers' record, the guide's overfitting alarm,
+and checkpoint completeness. Behind the import boundary (see kit.backend): imported by kit.train after the
+backend is active."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -11,7 +11,10 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from kit.rundir import COMPLETE, checkpoint_name, rotate_checkpoints
+from kit import trackers
+from kit.heldout import HeldOut
+from kit.infer import continuation
+from kit.rundir import COMPLETE, RunDir, append_metrics, checkpoint_name, rotate_checkpoints
 
 log = logging.getLogger("kit")
 
@@ -25,9 +28,52 @@ class MetricsFile(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:
             return
-        row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(self.path, {"step": state.global_step,
+                                   **{k: v for k, v in logs.items() if isinstance(v, (int, float))}})
+
+
+class SampleAnswers(TrainerCallback):
+    """At each evaluation, greedy answers to a few held-out prompts beside the answers they were trained toward:
+    one metrics.jsonl row {"step", "samples": [{question, answer, reference}]}, the console, the trackers."""
+
+    def __init__(self, examples: list[HeldOut], max_new_tokens: int, metrics: Path, names: list[str],
+                 writer=None, unsloth: bool = False):
+        self.examples, self.max_new_tokens, self.metrics = examples, max_new_tokens, metrics
+        self.names, self.writer, self.unsloth = names, writer, unsloth
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if not self.examples or not state.is_world_process_zero:
+            return
+        if self.unsloth:  # Unsloth's generate() returns to training (checkpointing too) only from training mode
+            model.train()
+        rows = []
+        for e in self.examples:
+            ids = processing_class(e.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            rows.append({"question": e.question, "answer": continuation(model, processing_class, ids,
+                                                                         self.max_new_tokens),
+                         "reference": e.reference})
+        append_metrics(self.metrics, {"step": state.global_step, "samples": rows})
+        trackers.log_samples(self.names, state.global_step, rows, self.writer)
+        for r in rows:
+            log.info(f"step {state.global_step} sample: {_short(r['question'])} -> {_short(r['answer'])} "
+                     f"(reference: {_short(r['reference'])})")
+
+
+def _short(text: str, n: int = 60) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= n else text[:n - 1] + "…")
+
+
+class TrackerRecord(TrainerCallback):
+    """Logs the run's config and manifest to the trackers once RunRecord has written them; after transformers'
+    integrations, which the Trainer places before the kit's callbacks, have started their runs."""
+
+    def __init__(self, names: list[str], run: RunDir, writer=None):
+        self.names, self.run, self.writer = names, run, writer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            trackers.log_record(self.names, self.run, self.writer)
 
 
 class OverfitAlarm(TrainerCallback):

@@ -4,6 +4,7 @@
     kit ask RUN_DIR --prompt TEXT                          greedy answer from base + the run's adapter
     kit export RUN_DIR --to merged16|gguf [--quant q8_0]   merged 16-bit model or GGUF (+ Ollama Modelfile)
     kit verify RUN_DIR [--url URL --model NAME]            exports (and a server) agree with base + adapter?
+    kit eval RUN_DIR [--tasks kit_heldout,NAME] [--merged] lm-evaluation-harness: the held-out split, lm-eval tasks
     kit serve RUN_DIR [RUN_DIR ...] [--merged]             vLLM's OpenAI-compatible server
     kit chat --url URL --model NAME [--prompt TEXT]        streaming chat with a served model
     kit adapters load URL RUN_DIR [--name NAME]            load an adapter into a running server
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kit import adapters, chat_client, export, serve, verify
+from kit import adapters, chat_client, evaluation, export, serve, verify
 from kit.errors import KitError, exit_with
 
 
@@ -39,12 +40,14 @@ def main(argv=None) -> int:
     ask.add_argument("--max-new-tokens", type=int, default=64)
     export.add_arguments(sub.add_parser("export", help="merged 16-bit safetensors or GGUF"))
     verify.add_arguments(sub.add_parser("verify", help="compare exports and a server against base + adapter"))
+    evaluation.add_arguments(sub.add_parser("eval", help="lm-evaluation-harness on the run's held-out split and "
+                                                         "lm-eval tasks"))
     serve.add_arguments(sub.add_parser("serve", help="serve runs with vLLM (base + adapters, or --merged)"))
     chat_client.add_arguments(sub.add_parser("chat", help="chat with a served model (OpenAI API)"))
     adapters.add_arguments(sub.add_parser("adapters", help="load or unload adapters of a running server"))
     args = p.parse_args(argv)
-    commands = {"ask": cmd_ask, "export": export.run_cli, "verify": verify.run_cli, "serve": serve.run_cli,
-                "chat": chat_client.run_cli, "adapters": adapters.run_cli}
+    commands = {"ask": cmd_ask, "export": export.run_cli, "verify": verify.run_cli, "eval": evaluation.run_cli,
+                "serve": serve.run_cli, "chat": chat_client.run_cli, "adapters": adapters.run_cli}
     try:
         return commands[args.command](args)
     except KitError as e:

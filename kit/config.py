@@ -28,6 +28,7 @@ from kit.export import FORMATS
 from kit.gguf import QUANTS
 from kit.llama import PROJECTIONS
 from kit.tiny import SHAPES
+from kit.trackers import NO_TRACKER, TRACKERS
 
 RECIPES = Path(__file__).parent / "recipes"  # the YAML recipes, shipped as package data
 DEFAULT_RECIPE = "llama31_sft"
@@ -50,7 +51,10 @@ TRAIN_KIT_ONLY = {
     "early_stopping_patience": "transformers' EarlyStoppingCallback",
     "early_stopping_threshold": "transformers' EarlyStoppingCallback",
     "overfit_patience": "the kit's OverfitAlarm callback",
-    "report_to_tensorboard": "a TensorBoard callback writing into the run directory",
+    "report_to": "tensorboard: a TensorBoardCallback writing into the run directory (the sample answers' too); "
+                 "wandb and mlflow reach SFTConfig.report_to, their records set up in the run directory (kit.trackers)",
+    "sample_prompts": "the kit's SampleAnswers callback",
+    "sample_max_new_tokens": "the kit's SampleAnswers callback",
 }
 
 
@@ -174,31 +178,76 @@ class TrainConfig:
     gradient_checkpointing: Union[Literal["auto"], bool] = "auto"
     """Recompute activations in backward to save memory (Unsloth's offloaded variant on that backend). auto:
     off when the run's estimated peak fits model.gpu_memory_gib (the fastest), on when it does not."""
-    report_to_tensorboard: bool = True
-    """Also write TensorBoard event files under the run directory."""
+    report_to: Union[str, list[str]] = "tensorboard"
+    """Experiment trackers, one name or a list, through transformers' integrations, each recording inside the run
+    directory: tensorboard (tensorboard/), wandb (wandb/; offline unless WANDB_MODE is set), mlflow (a SQLite store,
+    mlflow.db, unless MLFLOW_TRACKING_URI names another), or none. The run's config and manifest are logged as
+    the tracker run's parameters; metrics.jsonl is always written."""
+    sample_prompts: int = 3
+    """At each evaluation, answer this many held-out prompts greedily and log the answers beside the reference
+    answers (metrics.jsonl, the console, the trackers); 0: none."""
+    sample_max_new_tokens: int = 64
+    """Longest sample answer, in tokens."""
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to as a list of trackers ('none': no tracker)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        return [n for n in names if n != NO_TRACKER]
 
     def training_arguments(self) -> dict[str, Any]:
         """The fields that are TrainingArguments fields, by name, as they are."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in TRAIN_KIT_ONLY}
 
 
+DataFormat = Literal["auto", "koalpaca", "alpaca", "messages", "prompt_completion", "text"]
+SOURCE_DEFAULTS = ("format", "fields", "subset", "split", "revision")  # a source's keys the data section fills in
+
+
+@dataclass
+class DataSource:
+    """One source of a mixture, written as a mapping in the list data.path. A key of SOURCE_DEFAULTS that it
+    leaves out is the data section's."""
+
+    path: str = ""
+    """Hub dataset id, or a local .json/.jsonl/.csv/.parquet file or folder (as data.path)."""
+    weight: Optional[float] = None
+    """Relative share of the mixture's examples (weight 2 beside weight 1: twice as many). Once a source sets a
+    weight, a source without one weighs 1."""
+    fraction: Optional[float] = None
+    """Share of the mixture's examples, 0 < fraction <= 1; every source then sets one, adding up to 1."""
+    format: Optional[DataFormat] = None
+    """Row format of this source; default: data.format."""
+    fields: Optional[dict[str, str]] = None
+    """Column map of this source; default: data.fields."""
+    subset: Optional[str] = None
+    """Hub dataset configuration name; default: data.subset."""
+    split: Optional[str] = None
+    """Split to train on; default: data.split."""
+    revision: Optional[str] = None
+    """Hub dataset revision; default: data.revision."""
+
+
 @dataclass
 class DataConfig:
-    path: str = "beomi/KoAlpaca-v1.1a"
+    path: Union[str, list[Union[str, DataSource]]] = "beomi/KoAlpaca-v1.1a"
     """Hub dataset id, or a local .json/.jsonl/.csv/.parquet file or folder. 'kit:ko_sample' is the
-    Korean sample set shipped inside the kit."""
+    Korean sample set shipped inside the kit. A list mixes several sources, each a path or a mapping
+    (data.path[i] below): without weights or fractions the mixture holds every source's examples once;
+    with them, as many examples as the sources hold together (data.max_examples at most), shared by weight:
+    a source is subsampled or repeated to its share, with train.seed."""
     subset: Optional[str] = None
     """Hub dataset configuration name."""
     split: str = "train"
     """Split to train on."""
     revision: Optional[str] = None
     """Hub dataset revision."""
-    format: Literal["auto", "koalpaca", "alpaca", "messages", "prompt_completion", "text"] = "auto"
+    format: DataFormat = "auto"
     """Row format; auto detects it from the columns."""
     fields: dict[str, str] = field(default_factory=dict)
     """Map the kit's field names to your columns, e.g. {instruction: question, output: answer}."""
     eval_ratio: float = 0.05
-    """Fraction of the data held out for evaluation when there is no eval_path."""
+    """Fraction of the data (of each source of a mixture) held out for evaluation when there is no eval_path."""
     eval_path: Optional[str] = None
     """A separate evaluation source (same kinds as path)."""
     eval_split: Optional[str] = None
@@ -210,7 +259,19 @@ class DataConfig:
     overlong: Literal["truncate", "drop"] = "truncate"
     """What to do with examples longer than max_seq_length."""
     max_examples: Optional[int] = None
-    """Use only the first N training examples (quick experiments)."""
+    """Use only the first N training examples (quick experiments); of a mixture, N in all, shared as above."""
+
+    @property
+    def mixture(self) -> bool:
+        return isinstance(self.path, list)
+
+    @property
+    def sources(self) -> list[DataSource]:
+        """data.path as sources, each with the data section's values for the SOURCE_DEFAULTS it leaves out."""
+        entries = self.path if isinstance(self.path, list) else [self.path]
+        sources = [DataSource(path=e) if isinstance(e, str) else e for e in entries]
+        return [dataclasses.replace(s, **{k: getattr(self, k) for k in SOURCE_DEFAULTS if getattr(s, k) is None})
+                for s in sources]
 
 
 @dataclass
@@ -300,16 +361,22 @@ def _closest(key: str, valid: list[str]) -> str:
     return f" Did you mean '{best[0]}'" + (f" (or '{best[1]}')?" if len(best) > 1 else "?")
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check/convert one value against its type hint; the error names the key."""
+def _coerce(value: Any, hint: Any, key: str, issues: list[Issue]) -> Any:
+    """Check/convert one value against its type hint; the error names the key. A mapping for a dataclass (a
+    source of data.path) is built by _build, which adds its problems to `issues`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}, "
+                              f"got {value!r}.")
+        return _build(hint, value, f"{key}.", issues)
     if origin is Union:
         if value is None and type(None) in args:
             return None
         errors = []
         for a in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, a, key)
+                return _coerce(value, a, key, issues)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[-1])
@@ -323,11 +390,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}.")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        entries = []
+        for i, v in enumerate(value):  # each entry's problem under its own key; an unreadable entry stays raw
+            try:
+                entries.append(_coerce(v, args[0], f"{key}[{i}]", issues))
+            except ConfigError as e:
+                issues.append(Issue(f"{key}[{i}]", str(e)))
+                entries.append(v)
+        return entries
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping like {{key: value}}, got {value!r}.")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", issues) for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -367,12 +441,13 @@ def _build(cls, data: Any, prefix: str, issues: list[Issue]):
         if key not in names and "=" in str(key):
             issues.append(Issue(full, f"key '{key}' looks like an override; write it as 'key: value' in YAML."))
         elif key not in names:
-            issues.append(Issue(full, f"unknown key '{full}'.{_closest(full, all_keys())}"))
+            valid = all_keys(cls, prefix) if prefix.endswith("].") else all_keys()  # a list's entry: its own keys
+            issues.append(Issue(full, f"unknown key '{full}'.{_closest(full, valid)}"))
         elif dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value or {}, f"{full}.", issues)
         else:
             try:
-                kwargs[key] = _coerce(value, hints[key], full)
+                kwargs[key] = _coerce(value, hints[key], full, issues)
             except ConfigError as e:
                 issues.append(Issue(full, str(e)))
     return cls(**kwargs)
@@ -404,12 +479,16 @@ def _looks_like_float(text: str) -> bool:
 
 
 def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
-    """Dotted key -> line of a YAML document, counted from 1 as editors do."""
+    """Dotted key (a list's entries as key[i]) -> line of a YAML document, counted from 1 as editors do."""
     lines = {}
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             lines[prefix + str(k.value)] = k.start_mark.line + 1
             lines.update(_key_lines(v, f"{prefix}{k.value}."))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            lines[f"{prefix[:-1]}[{i}]"] = v.start_mark.line + 1
+            lines.update(_key_lines(v, f"{prefix[:-1]}[{i}]."))
     return lines
 
 
@@ -423,6 +502,9 @@ def _twice(node: Any, prefix: str = "") -> Iterator[tuple[str, int, int]]:
                 yield key, seen[key], line
             seen.setdefault(key, line)
             yield from _twice(v, f"{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            yield from _twice(v, f"{prefix[:-1]}[{i}].")
 
 
 def load_config(recipe: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
@@ -471,8 +553,8 @@ def load_config(recipe: Optional[str | os.PathLike] = None, overrides: list[str]
             node[o.keys[-1]] = o.value
             where[".".join(o.keys)] = f"override '{text}'"
     cfg = _build(Config, data, "", issues)
-    bad_values = {i.key for i in issues}
-    issues += [i for i in validation_issues(cfg) if i.key not in bad_values]
+    unread = [i.key for i in issues if i.key]  # values that kept their default, list entries that stayed raw
+    issues += [i for i in validation_issues(cfg) if not any(k == i.key or k.startswith(f"{i.key}[") for k in unread)]
     if issues:
         raise ConfigError(*[_located(i, where) for i in issues])
     return cfg
@@ -481,7 +563,8 @@ def load_config(recipe: Optional[str | os.PathLike] = None, overrides: list[str]
 def _located(issue: Issue, where: dict[str, str]) -> str:
     key = issue.key
     while key and key not in where:
-        key = key.rpartition(".")[0]
+        cut = max(key.rfind("."), key.rfind("["))  # data.path[1].weight -> data.path[1] -> data.path
+        key = key[:cut] if cut > 0 else ""
     return f"{where[key]}: {issue.message}" if key else issue.message
 
 
@@ -574,6 +657,19 @@ def _train_issues(cfg: Config) -> Iterator[Issue]:
                     "(keep all).")
     if t.overfit_patience < 1:
         yield Issue("train.overfit_patience", f"train.overfit_patience={t.overfit_patience}: must be >= 1.")
+    for name in t.trackers:
+        if name not in TRACKERS:
+            yield Issue("train.report_to", f"train.report_to: '{name}' is not a tracker the kit sets up; use "
+                        f"{', '.join(TRACKERS)} (one name or a list), or {NO_TRACKER}."
+                        f"{_closest(name, [*TRACKERS, NO_TRACKER])}")
+    if isinstance(t.report_to, list) and NO_TRACKER in t.report_to and len(t.report_to) > 1:
+        yield Issue("train.report_to", f"train.report_to={t.report_to}: '{NO_TRACKER}' beside trackers; keep one "
+                    "or the other.")
+    if t.sample_prompts < 0:
+        yield Issue("train.sample_prompts", f"train.sample_prompts={t.sample_prompts}: must be >= 0 (0: none).")
+    if t.sample_max_new_tokens < 1:
+        yield Issue("train.sample_max_new_tokens", f"train.sample_max_new_tokens={t.sample_max_new_tokens}: must "
+                    "be >= 1.")
     if t.early_stopping_patience is not None:
         if t.early_stopping_patience < 1:
             yield Issue("train.early_stopping_patience", "train.early_stopping_patience must be >= 1.")
@@ -594,9 +690,46 @@ def _data_issues(cfg: Config) -> Iterator[Issue]:
         yield Issue("data.eval_ratio", f"data.eval_ratio={d.eval_ratio}: use 0 <= ratio < 1.")
     if d.max_examples is not None and d.max_examples < 1:
         yield Issue("data.max_examples", "data.max_examples must be >= 1.")
-    if bad := [k for k in d.fields if k not in FIELD_NAMES]:
-        yield Issue("data.fields", f"data.fields: unknown field {bad}; map these kit fields to your columns: "
-                    f"{FIELD_NAMES}.")
+    yield from _fields_issues("data.fields", d.fields)
+    if d.mixture:
+        yield from _mixture_issues(d.path)
+
+
+def _fields_issues(key: str, fields: dict[str, str]) -> Iterator[Issue]:
+    if bad := [k for k in fields if k not in FIELD_NAMES]:
+        yield Issue(key, f"{key}: unknown field {bad}; map these kit fields to your columns: {FIELD_NAMES}."
+                    f"{_closest(bad[0], FIELD_NAMES)}")
+
+
+def _mixture_issues(entries: list[Union[str, DataSource]]) -> Iterator[Issue]:
+    """data.path as a list: every source has a path, weights > 0, fractions in (0, 1] that add up to 1."""
+    if not entries:
+        yield Issue("data.path", "data.path is an empty list: give a dataset, or a list of sources to mix.")
+    sources = {i: DataSource(path=e) if isinstance(e, str) else e for i, e in enumerate(entries)
+               if isinstance(e, (str, DataSource))}  # an unreadable entry is reported already
+    fractions = any(s.fraction is not None for s in sources.values())
+    for i, s in sources.items():
+        key = f"data.path[{i}]"
+        if not s.path.strip():
+            yield Issue(f"{key}.path", f"{key} has no path: give a Hub dataset id or a local file or folder.")
+        if s.weight is not None and s.weight <= 0:
+            yield Issue(f"{key}.weight", f"{key}.weight={s.weight:g}: must be > 0 (leave the source out to use none "
+                        "of it).")
+        if s.fraction is not None and not 0 < s.fraction <= 1:
+            yield Issue(f"{key}.fraction", f"{key}.fraction={s.fraction:g}: use 0 < fraction <= 1.")
+        if s.weight is not None and s.fraction is not None:
+            yield Issue(f"{key}.fraction", f"{key} sets both weight and fraction: keep one.")
+        elif s.weight is not None and fractions:
+            yield Issue(f"{key}.weight", f"{key} sets a weight, but another source sets a fraction: give every "
+                        "source a fraction (adding up to 1), or every source a weight.")
+        elif fractions and s.fraction is None:
+            yield Issue(key, f"{key} sets no fraction, but another source does: give every source a fraction "
+                        "(adding up to 1), or use weights.")
+        yield from _fields_issues(f"{key}.fields", s.fields or {})
+    given = [s.fraction for s in sources.values() if s.fraction is not None]
+    if fractions and len(given) == len(sources) and not math.isclose(sum(given), 1, abs_tol=1e-6):
+        yield Issue("data.path", f"data.path: the fractions add up to {sum(given):g}, not 1; give each source its "
+                    "share of the mixture (or use weights, which are relative).")
 
 
 def _export_issues(cfg: Config) -> Iterator[Issue]:
@@ -683,14 +816,19 @@ def describe() -> str:
     """Every key with its default and docstring, for --help-config."""
     lines = []
     for sect in dataclasses.fields(Config):
-        cls = sect.default_factory
-        docs = {}
-        body = ast.parse(inspect.getsource(cls)).body[0].body
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = " ".join(b.value.value.split())
         lines.append(f"{sect.name}:")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name} = {default!r}\n      {docs.get(f.name, '')}")
+        lines += _described(sect.default_factory, "  ")
+        if sect.default_factory is DataConfig:
+            lines.append("  path[i], an entry of a mixture written as a mapping:")
+            lines += _described(DataSource, "    ")
     return "\n".join(lines)
+
+
+def _described(cls, indent: str) -> list[str]:
+    docs = {}
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return [f"{indent}{f.name} = {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
+            f"\n{indent}    {docs.get(f.name, '')}" for f in dataclasses.fields(cls)]

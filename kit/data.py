@@ -1,4 +1,4 @@
-"""Data as small pure steps: load -> format -> chat template -> tokenize/mask -> (pack, by TRL).
+"""Data as small pure steps: load -> format -> chat template -> tokenize/mask -> (mix sources) -> (pack, by TRL).
 
 Every row becomes a list of chat messages; every message list becomes input_ids and labels in
 Llama 3.1's format, with -100 on everything but the assistant's answers (and their <|eot_id|>).
@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from kit.template import render
 if TYPE_CHECKING:  # kit.config imports this module (data.fields are checked against FIELD_NAMES)
     from datasets import Dataset
 
-    from kit.config import Config
+    from kit.config import Config, DataSource
 
 log = logging.getLogger("kit")
 FIELD_NAMES = ["instruction", "input", "output", "messages", "prompt", "completion", "text", "system"]
@@ -322,7 +323,7 @@ def _first_line(e: Exception) -> str:
 
 # ---------------------------------------------------------------- format
 
-def detect_format(columns: list[str], fields: dict[str, str]) -> str:
+def detect_format(columns: list[str], fields: dict[str, str], fields_key: str = "data.fields") -> str:
     col = lambda name: fields.get(name, name)  # noqa: E731
     have = set(columns)
     if col("messages") in have or "conversations" in have:
@@ -335,19 +336,19 @@ def detect_format(columns: list[str], fields: dict[str, str]) -> str:
         return "text"
     raise DataError(f"cannot tell the data format from the columns {sorted(have - {WHERE})}. Expected "
                     "instruction/output (KoAlpaca, Alpaca), messages (chat), prompt/completion or text; map yours with "
-                    "data.fields, e.g. data.fields='{instruction: question, output: answer}'.")
+                    f"{fields_key}, e.g. {fields_key}='{{instruction: question, output: answer}}'.")
 
 
 def to_messages(row: dict, fmt: str, fields: dict[str, str], system_prompt: Optional[str], where: str,
-                numbers: Optional[list[str]] = None) -> list[dict]:
-    """One row -> chat messages. `where` ('file, line N') goes into every error; a number where text is
-    expected is used as its text, and noted in `numbers`."""
+                numbers: Optional[list[str]] = None, fields_key: str = "data.fields") -> list[dict]:
+    """One row -> chat messages. `where` ('file, line N') goes into every error, `fields_key` (the setting of
+    `fields`) into its fix; a number where text is expected is used as its text, and noted in `numbers`."""
     def get(name, required=True) -> Optional[str]:
         col = fields.get(name, name)
         value = _text(row.get(col), f"{where}, field '{col}'", numbers)
         if required and (value is None or not value.strip()):
             raise DataError(f"{where}: field '{col}' is missing or empty (format {fmt}). Fix the row, or map "
-                            f"the column with data.fields.{name}=<column>.")
+                            f"the column with {fields_key}.{name}=<column>.")
         return value
     if fmt in ("koalpaca", "alpaca"):
         extra = get("input", required=False)
@@ -461,18 +462,18 @@ class Prepared:
 
 
 def prepare(ds, tokenizer, *, fmt: str, fields: dict, system_prompt, max_len: int, responses_only: bool,
-            overlong: str, source: str) -> Prepared:
+            overlong: str, source: str, fields_key: str = "data.fields") -> Prepared:
     """Rows -> tokenized dataset (input_ids, labels). Messages name each row's file and line (WHERE)."""
     import datasets
     columns = [c for c in ds.column_names if c != WHERE]
-    fmt = detect_format(columns, fields) if fmt == "auto" else fmt
+    fmt = detect_format(columns, fields, fields_key) if fmt == "auto" else fmt
     if fmt in ("koalpaca", "alpaca") and fields.get("instruction", "instruction") not in columns:
         raise DataError(f"{source}: format {fmt} needs an instruction column; columns are {columns}.")
     h = hashlib.sha256()
     out, truncated, dropped_long, dropped_masked, literal, numbers = [], 0, [], [], [], []
     for i, row in enumerate(ds):
         where = row.get(WHERE) or f"{source}, row {i + 1}"
-        msgs = to_messages(row, fmt, fields, system_prompt, where, numbers)
+        msgs = to_messages(row, fmt, fields, system_prompt, where, numbers, fields_key)
         h.update(json.dumps(msgs, ensure_ascii=False, sort_keys=True).encode())
         ex = tokenize(msgs, tokenizer, max_len, responses_only)
         if ex.pop("literal"):
@@ -505,29 +506,33 @@ def _few(wheres: list[str], n: int = 5) -> str:
 # ---------------------------------------------------------------- a recipe's data
 
 @dataclass
+class Share:
+    """One source's part in a mixture (data.path as a list), for the plan and the manifest."""
+    source: str
+    """data.path[i] and its path."""
+    examples: int
+    """The source's training examples, tokenized (over-long or fully masked ones dropped)."""
+    used: int
+    """How many the mixture trains on: more than `examples` where the source is repeated."""
+    eval_examples: int
+    """Its rows held out for evaluation (data.eval_ratio or data.eval_split)."""
+
+
+@dataclass
 class TrainingData:
     """The train split and the eval split (None without evaluation), tokenized and masked."""
     train: Prepared
     eval: Optional[Prepared]
+    mixture: list[Share] = field(default_factory=list)
+    """Each source's part where data.path is a list; empty for one dataset."""
 
 
 def load_data(cfg: Config, tokenizer) -> TrainingData:
     """Train and eval examples as the config asks; logs what was truncated or dropped."""
     d = cfg.data
-    rows = load_rows(d.path, d.split, d.subset, d.revision)
-    if d.eval_path or d.eval_split:
-        eval_rows = load_rows(d.eval_path or d.path, d.eval_split or "train", d.subset, d.revision)
-    elif d.eval_ratio > 0 and cfg.train.eval_strategy != "no":
-        rows, eval_rows = split_eval(rows, d.eval_ratio, cfg.train.seed, d.path)
-    else:
-        eval_rows = None
-    if d.max_examples:
-        rows = rows.select(range(min(d.max_examples, len(rows))))
-    common = dict(fmt=d.format, fields=d.fields, system_prompt=d.system_prompt, max_len=cfg.model.max_seq_length,
+    common = dict(system_prompt=d.system_prompt, max_len=cfg.model.max_seq_length,
                   responses_only=d.train_on_responses_only, overlong=d.overlong)
-    data = TrainingData(
-        train=prepare(rows, tokenizer, source=d.path, **common),
-        eval=prepare(eval_rows, tokenizer, source=d.eval_path or f"{d.path} (eval)", **common) if eval_rows else None)
+    data = _mixture(cfg, tokenizer, common) if d.mixture else _one_dataset(cfg, tokenizer, common)
     for name, p in (("train", data.train), ("eval", data.eval)):
         if p is None:
             continue
@@ -547,3 +552,107 @@ def load_data(cfg: Config, tokenizer) -> TrainingData:
                         f"'<|eot_id|>' in a message: trained as plain text, not as control tokens. Remove it if it is "
                         f"not meant to be there: {_few(p.control_text)}")
     return data
+
+
+def _one_dataset(cfg: Config, tokenizer, common: dict) -> TrainingData:
+    d = cfg.data
+    rows = load_rows(d.path, d.split, d.subset, d.revision)
+    if d.eval_path or d.eval_split:
+        eval_rows = load_rows(d.eval_path or d.path, d.eval_split or "train", d.subset, d.revision)
+    elif d.eval_ratio > 0 and cfg.train.eval_strategy != "no":
+        rows, eval_rows = split_eval(rows, d.eval_ratio, cfg.train.seed, d.path)
+    else:
+        eval_rows = None
+    if d.max_examples:
+        rows = rows.select(range(min(d.max_examples, len(rows))))
+    common = dict(common, fmt=d.format, fields=d.fields)
+    return TrainingData(
+        train=prepare(rows, tokenizer, source=d.path, **common),
+        eval=prepare(eval_rows, tokenizer, source=d.eval_path or f"{d.path} (eval)", **common) if eval_rows else None)
+
+
+def _mixture(cfg: Config, tokenizer, common: dict) -> TrainingData:
+    """Each source read, split and tokenized with its own format and column map, then mixed by its share.
+    Its eval rows are held out before mixing, so that no repeated example is also an eval example."""
+    d, seed = cfg.data, cfg.train.seed
+    split_off = not (d.eval_path or d.eval_split) and d.eval_ratio > 0 and cfg.train.eval_strategy != "no"
+    names, trains, evals = [], [], []
+    for i, s in enumerate(d.sources):
+        name = f"data.path[{i}] {s.path}"
+        rows, eval_rows = load_rows(s.path, s.split, s.subset, s.revision), None
+        if d.eval_split and not d.eval_path:
+            eval_rows = load_rows(s.path, d.eval_split, s.subset, s.revision)
+        elif split_off:
+            rows, eval_rows = split_eval(rows, d.eval_ratio, seed, name)
+        own = dict(common, fmt=s.format, fields=s.fields, fields_key=f"data.path[{i}].fields")
+        names.append(name)
+        trains.append(prepare(rows, tokenizer, source=name, **own))
+        evals.append(prepare(eval_rows, tokenizer, source=f"{name} (eval)", **own) if eval_rows is not None else None)
+    counts = mixture_counts([len(p.dataset) for p in trains], mixture_shares(d.sources), d.max_examples)
+    if d.eval_path:
+        eval_rows = load_rows(d.eval_path, d.eval_split or "train", d.subset, d.revision)
+        eval_data = prepare(eval_rows, tokenizer, source=d.eval_path, fmt=d.format, fields=d.fields, **common)
+    else:
+        held = [p for p in evals if p is not None]
+        eval_data = _mix(held, [len(p.dataset) for p in held], seed) if held else None
+    shares = [Share(name, len(p.dataset), n, len(e.dataset) if e else 0)
+              for name, p, n, e in zip(names, trains, counts, evals)]
+    return TrainingData(train=_mix(trains, counts, seed), eval=eval_data, mixture=shares)
+
+
+def mixture_shares(sources: list[DataSource]) -> Optional[list[float]]:
+    """Each source's share of the mixture from its fraction or weight (1 where it sets neither); None where no
+    source sets one: then each source is taken whole."""
+    if all(s.weight is None and s.fraction is None for s in sources):
+        return None
+    given = [s.fraction if s.fraction is not None else s.weight if s.weight is not None else 1.0 for s in sources]
+    return [g / sum(given) for g in given]
+
+
+def mixture_counts(sizes: list[int], shares: Optional[list[float]], cap: Optional[int] = None) -> list[int]:
+    """Examples each source gives: the sources' total (at most `cap`) split by `shares` (by size where None),
+    in whole examples by largest remainder."""
+    total = sum(sizes)
+    if shares is None and (cap is None or cap >= total):
+        return list(sizes)
+    target = min(total, cap or total)
+    exact = [target * share for share in shares or [n / total for n in sizes]]
+    counts = [math.floor(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[:target - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _mix(parts: list[Prepared], counts: list[int], seed: int) -> Prepared:
+    """counts[i] examples of parts[i] (whole passes over it, then a sample drawn with `seed`), shuffled together
+    with `seed`."""
+    import datasets
+    import numpy as np
+    picks = []
+    for i, (p, n) in enumerate(zip(parts, counts)):
+        passes, rest = divmod(n, len(p.dataset))
+        sample = np.random.default_rng([seed, i]).permutation(len(p.dataset))[:rest]
+        picks.append(list(range(len(p.dataset))) * passes + sorted(sample.tolist()))
+    mixed = datasets.concatenate_datasets([p.dataset.select(idx) for p, idx in zip(parts, picks)])
+    mixed = mixed.shuffle(seed=seed)
+    chosen = json.dumps([seed, [[p.fingerprint, idx] for p, idx in zip(parts, picks)]])
+    lengths = [len(ids) for ids in mixed["input_ids"]]
+    return Prepared(
+        dataset=mixed, fingerprint=hashlib.sha256(chosen.encode()).hexdigest()[:16],
+        truncated=sum(p.truncated for p in parts), dropped_overlong=[w for p in parts for w in p.dropped_overlong],
+        dropped_masked=[w for p in parts for w in p.dropped_masked],
+        control_text=[w for p in parts for w in p.control_text],
+        numbers_as_text=[w for p in parts for w in p.numbers_as_text], mean_tokens=sum(lengths) / len(lengths),
+        trained_tokens=sum(sum(1 for x in labels if x != -100) for labels in mixed["labels"]))
+
+
+def mixture_table(shares: list[Share]) -> str:
+    """The plan's lines about a mixture: what each source gives."""
+    total = sum(s.used for s in shares)
+    lines = [f"data mixture            {total:,} training examples from {len(shares)} sources"]
+    for s in shares:
+        part = (f"its {s.examples:,} repeated {s.used / s.examples:.3g}x" if s.used > s.examples
+                else f"of its {s.examples:,}")
+        held = f"; {s.eval_examples:,} held out for eval" if s.eval_examples else ""
+        lines.append(f"  {s.source}: {s.used:,} ({s.used / total:.1%}), {part}{held}")
+    return "\n".join(lines)

@@ -1,7 +1,9 @@
 """Every environment variable the kit reads, and where this copy of the kit is installed."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -62,6 +64,32 @@ def local_rank() -> int:
 def local_world_size() -> int:
     """LOCAL_WORLD_SIZE: the processes on this machine (torchrun sets it; WORLD_SIZE on one machine)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE") or world_size())
+
+
+def wandb_mode() -> Optional[str]:
+    """WANDB_MODE as the user set it (online, offline, disabled); without it the kit runs wandb offline."""
+    return os.environ.get("WANDB_MODE") or None
+
+
+def mlflow_tracking_uri() -> Optional[str]:
+    """MLFLOW_TRACKING_URI: the user's MLflow server or store, instead of the one in the run directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+@contextlib.contextmanager
+def setting(values: dict[str, str]) -> Iterator[None]:
+    """`values` in the environment while the block runs, for the libraries configured through it (wandb, as
+    transformers' integration starts it), then the environment as it was."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def health_port() -> int:

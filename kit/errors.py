@@ -42,6 +42,15 @@ class PreflightError(KitError, ValueError):
     """The server was not started: what vLLM would refuse or get wrong, and what to do instead."""
 
 
+class EvalError(KitError, ValueError):
+    """kit eval did not run: what it is missing (a trained run, its held-out data, an export, a task) and how
+    to provide it."""
+
+
+class SetupError(KitError, RuntimeError):
+    """A package the command needs is not installed: which one, and the command that installs it."""
+
+
 class ServerError(KitError, ValueError):
     """A running server cannot be reached or refused a request: what it answered and what to do."""
 

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from kit.errors import ExportError
+from kit.errors import ExportError, SetupError
 from kit.llama import BOS_ID, EOT, EOT_ID, STOP_TOKENS, SYSTEM_PREAMBLE, head_dim, header
 from kit.template import LLAMA31_CHAT_TEMPLATE
 
@@ -137,13 +137,21 @@ def write_gguf(model, tokenizer, path: Path, quant: str, name: str) -> None:
     w.close()
 
 
-def kquantize(src: Path, dst: Path, quant: str) -> None:
-    """llama.cpp's own k-quant quantizer, through llama-cpp-python."""
+def load_llama_cpp(purpose: str):
+    """llama-cpp-python, which `make demo` leaves out: a checkout's `make setup-extras` compiles it once."""
     try:
         import llama_cpp
     except ImportError:
-        raise ExportError(f"--quant {quant} uses llama.cpp's quantizer: pip install llama-cpp-python "
-                          f"({', '.join(DIRECT)} need only the gguf package).") from None
+        raise SetupError(f"{purpose} needs llama-cpp-python, which is not installed: run `make setup-extras` in the "
+                         "kit's checkout (it compiles llama.cpp once), or pip install the llama_cpp_python that "
+                         "requirements/cpu-extras.txt pins. "
+                         f"GGUF {', '.join(DIRECT)} exports need only the gguf package.") from None
+    return llama_cpp
+
+
+def kquantize(src: Path, dst: Path, quant: str) -> None:
+    """llama.cpp's own k-quant quantizer, through llama-cpp-python."""
+    llama_cpp = load_llama_cpp(f"--quant {quant} (llama.cpp's quantizer)")
     ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M}[quant]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype

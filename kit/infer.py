@@ -20,9 +20,14 @@ def load_adapter_model(run_dir: Path, dtype: str = "float32"):
 
 
 def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:
-    import torch
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"]
+    return continuation(model, tokenizer, ids, max_new_tokens)
+
+
+def continuation(model, tokenizer, ids, max_new_tokens: int) -> str:
+    """The greedy continuation of the token ids `ids` (a 1 x n tensor), up to a stop token, as text."""
+    import torch
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
                              max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=STOP_TOKEN_IDS,

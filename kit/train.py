@@ -22,10 +22,12 @@ from transformers.integrations import TensorBoardCallback
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 
+from kit import trackers
 from kit.backend import Backend, Kernels, kernels
-from kit.callbacks import MarkComplete, MetricsFile, OverfitAlarm, RunRecord
+from kit.callbacks import MarkComplete, MetricsFile, OverfitAlarm, RunRecord, SampleAnswers, TrackerRecord
 from kit.config import Config
 from kit.data import TrainingData
+from kit.heldout import held_out
 from kit.model import load_model
 from kit.plan import Execution, Plan, execution, make_plan
 from kit.rundir import RunDir, tokens_seen
@@ -72,7 +74,7 @@ def sft_config(cfg: Config, backend: Backend, run: RunDir, how: Execution) -> SF
         warmup_steps=t.warmup_steps if t.warmup_steps is not None else (t.warmup_ratio or 0.0),  # < 1: a ratio
         bf16=backend.precision == "bf16", fp16=backend.precision == "fp16", use_cpu=not backend.device.cuda,
         gradient_checkpointing=False,  # the backend enabled its own variant
-        max_length=cfg.model.max_seq_length, report_to="none",
+        max_length=cfg.model.max_seq_length, report_to=trackers.integrations(t.trackers), run_name=cfg.run.name,
         load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None, include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0, disable_tqdm=False, logging_first_step=True, remove_unused_columns=True,
@@ -84,9 +86,15 @@ def sft_config(cfg: Config, backend: Backend, run: RunDir, how: Execution) -> SF
 def build_trainer(cfg: Config, backend: Backend, model, tokenizer, data: TrainingData, run: RunDir,
                   alarm: OverfitAlarm, how: Execution, record: Callable[[], None]) -> Trainer:
     t = cfg.train
-    callbacks = [RunRecord(record), MetricsFile(run.metrics), alarm, MarkComplete(t.save_total_limit)]
-    if t.report_to_tensorboard and backend.world.main:  # the writer creates its event file as it is made
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(str(run.tensorboard))))
+    # the writer creates its event file as it is made: on rank 0 alone
+    writer = SummaryWriter(str(run.tensorboard)) if "tensorboard" in t.trackers and backend.world.main else None
+    samples = held_out(data.eval.dataset, tokenizer, t.sample_prompts) if data.eval and t.sample_prompts else []
+    callbacks = [RunRecord(record), TrackerRecord(t.trackers, run, writer), MetricsFile(run.metrics),
+                 SampleAnswers(samples, t.sample_max_new_tokens, run.metrics, t.trackers, writer,
+                               unsloth=backend.unsloth is not None),
+                 alarm, MarkComplete(t.save_total_limit)]
+    if writer is not None:
+        callbacks.append(TensorBoardCallback(tb_writer=writer))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
     common = dict(model=model, args=sft_config(cfg, backend, run, how), processing_class=tokenizer,
@@ -124,7 +132,8 @@ def train(cfg: Config, backend: Backend, tokenizer, data: TrainingData, run: Run
         torch.cuda.reset_peak_memory_stats()  # the training peak, not the load's
     start = time.time()
     seen = tokens_seen(resume)  # now: rotation removes the resumed checkpoint once a newer one is complete
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with trackers.recording(cfg.train.trackers, run, backend.world.main):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - start
     if torch.cuda.is_available():
         peak_gib, peak_kind = torch.cuda.max_memory_allocated() / 2**30, "GPU, allocated"

@@ -20,6 +20,7 @@ from typing import Optional
 from kit import env
 from kit.adapters import Api, v1
 from kit.errors import ServerError
+from kit.gguf import load_llama_cpp
 from kit.llama import PAD_ID, STOP_TOKEN_IDS
 from kit.rundir import RunDir
 
@@ -102,6 +103,7 @@ def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] =
 
     from kit.infer import load_adapter_model
     run = RunDir(Path(run_dir))
+    llama_cpp = load_llama_cpp(f"kit verify of {run.path}'s GGUF exports") if run.gguf_files() else None
     ref_model, tok = load_adapter_model(run.path)
     refs = []
     for p in prompts:
@@ -113,7 +115,6 @@ def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] =
         m = AutoModelForCausalLM.from_pretrained(run.merged16, dtype=torch.float32).eval()
         results.append(_compare("merged16", refs, lambda ids, seq: hf_run(m, ids, max_new, seq)))
     for gguf_file in run.gguf_files():
-        import llama_cpp
         llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=1024, logits_all=True, verbose=False)
         results.append(_compare(gguf_file.parent.name, refs,
                                 lambda ids, seq, llm=llm: gguf_run(llm, ids, max_new, seq)))

@@ -166,3 +166,37 @@ def test_yaml_bare_no_means_the_strategy_no(tmp_path):
     f.write_text("train:\n  eval_strategy: no\n  save_strategy: no\n")
     cfg = load_config(f, ["train.eval_strategy=no"])
     assert cfg.train.eval_strategy == "no" and cfg.train.save_strategy == "no"
+
+
+@pytest.mark.parametrize("override, trackers", [
+    ("train.report_to=wandb", ["wandb"]),
+    ("train.report_to=[tensorboard, wandb, mlflow]", ["tensorboard", "wandb", "mlflow"]),
+    ("train.report_to=none", []),
+    ("train.report_to=[]", []),
+])
+def test_report_to_takes_one_tracker_or_a_list(override, trackers):
+    assert load_config("demo", [override]).train.trackers == trackers
+
+
+def test_report_to_problems_name_the_closest_tracker():
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", ["train.report_to=[tensorbord, none]", "train.sample_prompts=-1",
+                             "train.sample_max_new_tokens=0"])
+    text = str(e.value)
+    assert "4 problems" in text and "'tensorbord' is not a tracker" in text and "Did you mean 'tensorboard'" in text
+    assert "'none' beside trackers" in text and "train.sample_prompts=-1" in text
+    assert "train.sample_max_new_tokens=0" in text
+
+
+def test_trackers_but_tensorboard_reach_sft_config_report_to_by_name():
+    from kit.backend import Backend, Device
+    from kit.plan import execution
+    from kit.rundir import RunDir
+    from kit.train import sft_config
+    backend = Backend("hf", Device("cpu", "cpu", False), "fp32")
+    for report_to, expected in (("[tensorboard, wandb, mlflow]", ["wandb", "mlflow"]), ("tensorboard", []),
+                                ("none", [])):
+        cfg = load_config("demo", [f"train.report_to={report_to}", "run.name=tracked"])
+        how = execution(cfg, None, cuda=False, card_gib=None, steps=9)
+        args = sft_config(cfg, backend, RunDir(ROOT / "runs" / "unused"), how)
+        assert args.report_to == expected and args.run_name == "tracked", report_to

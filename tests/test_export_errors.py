@@ -2,10 +2,12 @@
 import errno
 import json
 import shutil
+import sys
 
 import pytest
 
 from kit import export as ex
+from kit.errors import SetupError
 from kit.rundir import AdapterError
 
 
@@ -64,3 +66,20 @@ def test_cli_reports_a_missing_run_without_a_traceback(tmp_path):
         out = subprocess.run([sys.executable, "-m", "kit.cli", command[0], str(tmp_path / "missing"), *command[1:]],
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and "no adapter" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_k_quant_without_llama_cpp_names_the_make_target_before_any_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as after `make demo`, which leaves llama.cpp out
+    with pytest.raises(SetupError, match=r"--quant q4_k_m \(llama.cpp's quantizer\) needs llama-cpp-python, which "
+                                         r"is not installed: run `make setup-extras`"):
+        ex.export(tmp_path / "no-run", "gguf", "q4_k_m")  # no adapter either: that would be reported later
+
+
+def test_a_recipe_exporting_a_k_quant_without_llama_cpp_stops_before_the_run_starts(tmp_path, monkeypatch):
+    from kit.config import load_config
+    from kit.recipes.llama31_sft import start_run
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    cfg = load_config("demo", [f"run.output_dir={tmp_path}", "export.formats=[gguf]", "export.gguf_quant=q4_k_m"])
+    with pytest.raises(SetupError, match=r"export.gguf_quant=q4_k_m needs llama-cpp-python.*make setup-extras"):
+        start_run(cfg, devices=1)
+    assert not any(tmp_path.iterdir())  # no run directory

@@ -352,6 +352,8 @@ def test_run_left_before_training_started_is_used_again_and_a_users_folder_is_no
     run = tmp_path / "runs" / "demo"
     (run / "base-model").mkdir(parents=True)
     (run / "tensorboard").mkdir()
+    (run / "wandb").mkdir()  # the trackers' records of an attempt that stopped as training began
+    (run / "mlflow.db").write_bytes(b"")
     assert _start(tmp_path) is None and (run / "base-model").is_dir()
     (run / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="already exists"):

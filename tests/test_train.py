@@ -75,6 +75,20 @@ def test_demo_answers_training_questions_with_trained_answers(demo_run):
     assert sum(hits) >= 4, hits
 
 
+def test_demo_logs_sample_answers_the_model_gives_at_each_evaluation(demo_run):
+    from kit.infer import generate, load_adapter_model
+    run_dir = demo_run[0]
+    metrics = _metrics(run_dir)
+    evals = [m["step"] for m in metrics if "eval_loss" in m]
+    samples = {m["step"]: m["samples"] for m in metrics if "samples" in m}
+    assert sorted(samples) == evals and all(len(s) == 2 for s in samples.values())
+    first, last = samples[evals[0]], samples[evals[-1]]
+    assert [s["answer"] for s in first] != [s["answer"] for s in last], "the answers change as the model trains"
+    model, tokenizer = load_adapter_model(run_dir)
+    for s in last:  # the last evaluation saw the final weights, which the adapter holds
+        assert s["answer"] == generate(model, tokenizer, [{"role": "user", "content": s["question"]}], 32)
+
+
 def test_existing_run_directory_is_refused_and_left_intact(demo_run):
     run_dir, _ = demo_run
     before = (run_dir / "adapter/adapter_model.safetensors").read_bytes()

@@ -8,8 +8,9 @@
 
 --config names a recipe shipped in the kit (llama31_sft, demo) or a YAML file of your own.
 Backends: Unsloth (default; its CUDA kernels, or its CPU fallback) or transformers + PEFT (model.backend=hf).
-The run directory runs/<run.name>/ receives config.yaml, manifest.json, metrics.jsonl, tensorboard/,
-loss.png, checkpoints/ and the final PEFT adapter in adapter/ (kit.rundir).
+The run directory runs/<run.name>/ receives config.yaml, manifest.json, metrics.jsonl (with sample answers),
+tensorboard/ (and wandb/ or mlflow.db: train.report_to), loss.png, checkpoints/ and the final PEFT adapter in
+adapter/ (kit.rundir).
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from kit import distributed, hub, report, rundir
+from kit import distributed, gguf, hub, report, rundir, trackers
 from kit.backend import activate, check_machine
 from kit.config import DEFAULT_RECIPE, Config, describe, load_config, shipped_recipes, to_yaml
-from kit.data import load_data
+from kit.data import load_data, mixture_table
 from kit.errors import ConfigError, KitError, exit_with
 from kit.export import export
 from kit.io import write_json
@@ -70,7 +71,10 @@ def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices:
     data = distributed.main_first(world, load_data, cfg, tokenizer)
     plan = train.plan(cfg, backend, data, devices)  # training: devices is the world's size (main)
     if world.main:
-        print(f"plan for {cfg.run_dir} ({cfg.data.path}):\n{plan.render()}")
+        source = f"a mixture of {len(data.mixture)} sources" if data.mixture else cfg.data.path
+        print(f"plan for {cfg.run_dir} ({source}):\n{plan.render()}")
+        if data.mixture:
+            print(mixture_table(data.mixture))
     if plan_only:
         return
     if resume is not None:
@@ -99,6 +103,9 @@ def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices:
 
 def start_run(cfg: Config, devices: int) -> Optional[Path]:
     """The run directory, created; on resume, the checkpoint to go on from, written by as many processes."""
+    trackers.check_installed(cfg.train.trackers)  # before the run directory changes
+    if "gguf" in cfg.export.formats and cfg.export.gguf_quant in gguf.KQUANTS:  # not after an hour of training
+        gguf.load_llama_cpp(f"export.gguf_quant={cfg.export.gguf_quant}")
     resume = rundir.start(cfg)
     if resume is not None:
         rundir.check_devices(resume, devices)

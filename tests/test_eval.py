@@ -1,0 +1,127 @@
+"""kit eval: lm-evaluation-harness on a run's model, offline; the held-out split as a local task, scored by exact
+match and ROUGE-L, and lm-eval tasks by name."""
+import json
+import subprocess
+import sys
+from statistics import mean
+
+import pytest
+import yaml
+
+from kit import evaluation
+from kit.errors import EvalError
+
+
+def _kit_eval(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "kit.cli", "eval", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_scores_are_lm_evals_exact_match_and_rouge_l_over_words():
+    scores = evaluation.scores
+    assert scores({"reference": "서울입니다."}, [" 서울입니다.\n"]) == {"exact_match": 1.0, "rougeL": 1.0}
+    partial = scores({"reference": "서울은 한국의 수도입니다"}, ["서울은 수도입니다"])
+    precision, recall = 2 / 2, 2 / 3  # the longest common subsequence: 서울은, 수도입니다
+    assert partial == {"exact_match": 0.0, "rougeL": pytest.approx(2 * precision * recall / (precision + recall))}
+    assert scores({"reference": "서울"}, ["부산"]) == {"exact_match": 0.0, "rougeL": 0.0}
+
+
+def test_a_folder_that_is_not_a_trained_run_is_refused_without_a_traceback(tmp_path):
+    res = _kit_eval(tmp_path, cwd=tmp_path)
+    assert res.returncode == 2 and "not a trained run" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_merged_without_an_export_names_the_export_command(adapter_run):
+    (adapter_run / "manifest.json").write_text("{}")
+    res = _kit_eval(adapter_run, "--merged", cwd=adapter_run)
+    assert res.returncode == 2 and f"kit export {adapter_run} --to merged16" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.fixture(scope="module")
+def evaluated(demo_run):
+    run_dir = demo_run[0]
+    res = _kit_eval(run_dir, "--limit", 3, "--max-new-tokens", 24, "--batch-size", 1, cwd=run_dir.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir, res
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+def test_eval_scores_the_held_out_split_and_records_it(evaluated):
+    from kit.data import SAMPLE, load_rows
+    from tests.helpers import question
+    run_dir, res = evaluated
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    recorded = json.loads((run_dir / "eval/adapter.json").read_text())
+    assert manifest["evaluation"]["adapter"] == recorded
+    summary = recorded["kit_heldout"]
+    assert summary["limit"] == 3 and summary["model"]["peft"] == str((run_dir / "adapter").resolve())
+    heldout = _lines(run_dir / "eval/heldout.jsonl")
+    answers = {question(row): row["output"] for row in load_rows(SAMPLE)}
+    assert len(heldout) == manifest["dataset"]["eval_examples"]
+    assert all(answers[h["question"]] == h["reference"] for h in heldout), "the eval split's rows"
+    samples = _lines(run_dir / summary["samples"])
+    assert len(samples) == 3
+    for s in samples:
+        answer = s["filtered_resps"][0]
+        assert s["arguments"][0][0] == s["doc"]["prompt"]  # as trained, up to the answer's header
+        assert s["doc"]["prompt"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        assert s["exact_match"] == float(answer.strip() == s["doc"]["reference"].strip())
+        assert s["rougeL"] == evaluation.scores(s["doc"], [answer])["rougeL"]
+    scores = summary["scores"]
+    assert scores["exact_match"] == pytest.approx(mean(s["exact_match"] for s in samples))
+    assert scores["rougeL"] == pytest.approx(mean(s["rougeL"] for s in samples))
+    assert "kit_heldout" in res.stdout and "rougeL" in res.stdout
+
+
+@pytest.mark.slow
+def test_eval_answers_are_the_adapters_greedy_answers(evaluated):
+    from kit.infer import generate, load_adapter_model
+    run_dir, _ = evaluated
+    model, tokenizer = load_adapter_model(run_dir)
+    samples = _lines(run_dir / "eval/adapter-kit_heldout.jsonl")
+    for s in samples:
+        expected = generate(model, tokenizer, [{"role": "user", "content": s["doc"]["question"]}], max_new_tokens=24)
+        assert s["filtered_resps"][0] == expected
+
+
+@pytest.mark.slow
+def test_an_installed_task_runs_by_name_through_the_chat_template(demo_run, tmp_path):
+    from tests.helpers import question, train_rows
+    run_dir = demo_run[0]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = train_rows(run_dir).select(range(2))  # questions the demo was trained to answer
+    data = tasks / "capitals.jsonl"
+    data.write_text("".join(json.dumps({"question": question(r), "answer": r["output"]}, ensure_ascii=False) + "\n"
+                            for r in rows), encoding="utf-8")
+    spec = {"test_split": "test", "output_type": "generate_until", "doc_to_text": "{{question}}",
+            "doc_to_target": "{{answer}}", "generation_kwargs": {"until": ["<|eot_id|>"], "max_gen_toks": 48},
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+    (tasks / "capitals.yaml").write_text(yaml.safe_dump({
+        "task": "kit_test_capitals", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        **spec}), encoding="utf-8")
+    (tasks / "hub.yaml").write_text(yaml.safe_dump({"task": "kit_test_hub", "dataset_path": "kit-test/not-cached",
+                                                    **spec}), encoding="utf-8")
+    with pytest.raises(EvalError, match="'kit_test_capitls' is not an installed lm-eval task; did you mean "
+                                        "'kit_test_capitals'"):
+        evaluation.evaluate(run_dir, ["kit_test_capitls"], include=[tasks])
+    with pytest.raises(EvalError, match="kit_test_hub: a task's dataset could not be downloaded .* run them once "
+                                        "where there is network"):
+        evaluation.evaluate(run_dir, ["kit_test_hub"], limit=1, include=[tasks])  # the Hub is offline (conftest)
+    res = _kit_eval(run_dir, "--tasks", "kit_test_capitals", "--include", tasks, "--chat-template", "--batch-size", 1,
+                    cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recorded = json.loads((run_dir / "eval/adapter.json").read_text())
+    samples = _lines(run_dir / recorded["kit_test_capitals"]["samples"])
+    for s, row in zip(samples, rows):
+        context = s["arguments"][0][0]
+        assert context.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
+        assert context.endswith(f"{question(row)}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert samples[0]["exact_match"] == 1.0, "the first trained question gets its trained answer (test_train)"
+    assert recorded["kit_test_capitals"]["scores"]["exact_match"] == mean(s["exact_match"] for s in samples)
+    assert json.loads((run_dir / "manifest.json").read_text())["evaluation"]["adapter"] == recorded
