@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from kit.config import RECIPES
+from kit.llama import STOP_TOKEN_IDS
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
@@ -71,3 +72,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def decided_greedy_text(model, tokenizer, messages: list[dict], max_new_tokens: int, tolerance: float) -> str:
+    """The model's greedy answer to `messages` (as kit.infer.generate gives it) cut before its first near-tie:
+    another implementation of the same weights may pick either token there. The whole answer when none."""
+    import torch
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=STOP_TOKEN_IDS, pad_token_id=tokenizer.pad_token_id,
+                             output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    margins = top1_margin(torch.cat(out.logits).float().numpy())
+    close = np.flatnonzero(margins <= 2 * tolerance)
+    n = int(close[0]) if close.size else len(tokens)
+    return tokenizer.decode(tokens[:n], skip_special_tokens=True).rstrip("\ufffd")  # a cut multi-byte char

@@ -76,7 +76,8 @@ def test_demo_answers_training_questions_with_trained_answers(demo_run):
 
 
 def test_demo_logs_sample_answers_the_model_gives_at_each_evaluation(demo_run):
-    from kit.infer import generate, load_adapter_model
+    from kit.infer import load_adapter_model
+    from tests.helpers import decided_greedy_text
     run_dir = demo_run[0]
     metrics = _metrics(run_dir)
     evals = [m["step"] for m in metrics if "eval_loss" in m]
@@ -85,8 +86,11 @@ def test_demo_logs_sample_answers_the_model_gives_at_each_evaluation(demo_run):
     first, last = samples[evals[0]], samples[evals[-1]]
     assert [s["answer"] for s in first] != [s["answer"] for s in last], "the answers change as the model trains"
     model, tokenizer = load_adapter_model(run_dir)
-    for s in last:  # the last evaluation saw the final weights, which the adapter holds
-        assert s["answer"] == generate(model, tokenizer, [{"role": "user", "content": s["question"]}], 32)
+    decided = [decided_greedy_text(model, tokenizer, [{"role": "user", "content": s["question"]}], 32, 0.01)
+               for s in last]
+    for s, expected in zip(last, decided):  # the last evaluation saw the final weights (equal up to a near-tie)
+        assert s["answer"].startswith(expected)
+    assert any(decided), "tokens decided clearly enough to compare"
 
 
 def test_existing_run_directory_is_refused_and_left_intact(demo_run):
