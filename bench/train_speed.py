@@ -130,7 +130,9 @@ def run_kit(a, overrides: list[str]) -> dict:
             f"data.path={a.data}", f"train.max_steps={a.steps}", "train.eval_strategy=no",
             "train.save_strategy=no", f"run.output_dir={runs}", f"run.name={a.label}", "run.overwrite=true",
             *overrides]
-    if a.profile:
+    if "--devices" in overrides:  # the recipe hands itself to torchrun, which must not replace this process
+        rc = subprocess.run([sys.executable, "-m", "kit.recipes.llama31_sft", *argv]).returncode
+    elif a.profile:
         with StepProfiler(a.profile):
             rc = main(argv)
     else:

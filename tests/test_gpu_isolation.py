@@ -19,7 +19,8 @@ import json, sys
 from pathlib import Path
 from kit.backend import activate
 from kit.config import load_config
-cfg = load_config("demo", ["model.precision=bf16", "train.padding_free=true"])
+# max_seq_length above the packed row: Unsloth cuts longer inputs, which the row read as one sequence is
+cfg = load_config("demo", ["model.precision=bf16", "train.padding_free=true", "model.max_seq_length=2048"])
 backend = activate(cfg)
 import torch
 import torch.nn.functional as F
