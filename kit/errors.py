@@ -51,6 +51,12 @@ class SetupError(KitError, RuntimeError):
     """A package the command needs is not installed: which one, and the command that installs it."""
 
 
+def install_extras(packages: str) -> str:
+    """How to install packages of the kit's extras (trackers, lm-eval, llama.cpp), which `make demo` leaves out."""
+    return (f"run `make setup-extras` in the kit's checkout, or pip install the {packages} that "
+            "requirements/cpu-extras.txt (CPU) and requirements/gpu-lock.txt (CUDA) pin")
+
+
 class ServerError(KitError, ValueError):
     """A running server cannot be reached or refused a request: what it answered and what to do."""
 

@@ -24,7 +24,7 @@ import yaml
 
 from kit import hub
 from kit.config import load_config
-from kit.errors import EvalError, SetupError
+from kit.errors import EvalError, SetupError, install_extras
 from kit.heldout import held_out
 from kit.io import atomic_write_text, write_json
 from kit.llama import STOP_TOKENS
@@ -136,9 +136,8 @@ def _lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise SetupError(f"kit eval needs lm-evaluation-harness and rouge_score ({e.name} is not installed): run "
-                         "`make setup-extras` in the kit's checkout, or pip install the lm_eval and rouge_score "
-                         "that requirements/cpu-extras.txt pins.") from None
+        raise SetupError(f"kit eval needs lm-evaluation-harness and rouge_score ({e.name} is not installed): "
+                         f"{install_extras('lm_eval and rouge_score')}.") from None
     return lm_eval, TaskManager, HFLM
 
 

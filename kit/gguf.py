@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from kit.errors import ExportError, SetupError
+from kit.errors import ExportError, SetupError, install_extras
 from kit.llama import BOS_ID, EOT, EOT_ID, STOP_TOKENS, SYSTEM_PREAMBLE, head_dim, header
 from kit.template import LLAMA31_CHAT_TEMPLATE
 
@@ -142,9 +142,8 @@ def load_llama_cpp(purpose: str):
     try:
         import llama_cpp
     except ImportError:
-        raise SetupError(f"{purpose} needs llama-cpp-python, which is not installed: run `make setup-extras` in the "
-                         "kit's checkout (it compiles llama.cpp once), or pip install the llama_cpp_python that "
-                         "requirements/cpu-extras.txt pins. "
+        raise SetupError(f"{purpose} needs llama-cpp-python, which is not installed: "
+                         f"{install_extras('llama_cpp_python')} (it compiles llama.cpp once). "
                          f"GGUF {', '.join(DIRECT)} exports need only the gguf package.") from None
     return llama_cpp
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from kit import env
-from kit.errors import SetupError
+from kit.errors import SetupError, install_extras
 from kit.rundir import RunDir
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -33,9 +33,8 @@ def check_installed(names: list[str]) -> None:
     missing = [n for n in names if importlib.util.find_spec(MODULES[n]) is None]
     if missing:
         packages = " and ".join(PACKAGES[n] for n in missing)
-        raise SetupError(f"train.report_to names {', '.join(missing)}, but {packages} is not installed: run "
-                         "`make setup-extras` in the kit's checkout, or pip install the version "
-                         f"requirements/cpu-extras.txt pins; or leave {', '.join(missing)} out of train.report_to.")
+        raise SetupError(f"train.report_to names {', '.join(missing)}, but {packages} is not installed: "
+                         f"{install_extras(packages)}; or leave {', '.join(missing)} out of train.report_to.")
 
 
 def integrations(names: list[str]) -> list[str]:
