@@ -28,7 +28,7 @@ from kit.errors import EvalError, SetupError, install_extras
 from kit.heldout import held_out
 from kit.io import atomic_write_text, write_json
 from kit.llama import STOP_TOKENS
-from kit.rundir import CONFIG, MANIFEST, RunDir, base_config, read_adapter, record_evaluation
+from kit.rundir import CONFIG, MANIFEST, RunDir, base_config, read_adapter, read_manifest, record_evaluation
 
 TASK = "kit_heldout"
 
@@ -165,7 +165,7 @@ def write_task(run: RunDir, tokenizer_path: str, max_new_tokens: int) -> Path:
     cfg = load_config(run.config)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     data = load_data(cfg, tokenizer)
-    trained = json.loads(run.manifest.read_text(encoding="utf-8"))["dataset"]["fingerprint"]
+    trained = read_manifest(run)["dataset"]["fingerprint"]
     if data.train.fingerprint != trained:
         raise EvalError(f"{TASK}: the data of {run.config} is not what the run trained on (fingerprint "
                         f"{data.train.fingerprint}, the manifest says {trained}), so its held-out split would not be "

@@ -270,28 +270,36 @@ def begin(run: RunDir, config_yaml: str, manifest: dict, checkpoint: Optional[Pa
     write_json(run.manifest, manifest)
 
 
+def read_manifest(run: RunDir) -> dict:
+    return json.loads(run.manifest.read_text(encoding="utf-8"))
+
+
 def record_evaluation(run: RunDir, source: str, summary: dict) -> None:
     """kit eval's summary into manifest.json's "evaluation", under what was evaluated (adapter, merged16)."""
-    manifest = json.loads(run.manifest.read_text())
+    manifest = read_manifest(run)
     manifest.setdefault("evaluation", {})[source] = summary
     write_json(run.manifest, manifest)
 
 
+def _metrics_line(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
 def append_metrics(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(_metrics_line(row))
 
 
 def read_metrics(path: Path) -> list[dict]:
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def trim_metrics(path: Path, upto_step: int) -> None:
     if path.exists():
         keep = [m for m in read_metrics(path) if m["step"] <= upto_step]
-        atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in keep))
+        atomic_write_text(path, "".join(_metrics_line(m) for m in keep))
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -18,7 +18,7 @@ import yaml
 
 from kit import env
 from kit.errors import SetupError, install_extras
-from kit.rundir import RunDir
+from kit.rundir import RunDir, read_manifest
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 NO_TRACKER = "none"
@@ -92,7 +92,7 @@ def log_record(names: list[str], run: RunDir, writer=None) -> None:
     """The run's config.yaml and manifest.json as the tracker run's parameters (and, in TensorBoard, as text),
     once they are written and the integrations have started their runs."""
     config = yaml.safe_load(run.config.read_text(encoding="utf-8"))
-    manifest = json.loads(run.manifest.read_text(encoding="utf-8"))
+    manifest = read_manifest(run)
     if writer is not None:
         writer.add_text("kit/config", _code(run.config.read_text(encoding="utf-8")))
         writer.add_text("kit/manifest", _code(json.dumps(manifest, indent=2, ensure_ascii=False)))
