@@ -227,6 +227,11 @@ class DataSource:
     revision: Optional[str] = None
     """Hub dataset revision; default: data.revision."""
 
+    @classmethod
+    def of(cls, entry: Union[str, DataSource]) -> DataSource:
+        """An entry of data.path: a bare path is a source with nothing else set."""
+        return cls(path=entry) if isinstance(entry, str) else entry
+
 
 @dataclass
 class DataConfig:
@@ -269,7 +274,7 @@ class DataConfig:
     def sources(self) -> list[DataSource]:
         """data.path as sources, each with the data section's values for the SOURCE_DEFAULTS it leaves out."""
         entries = self.path if isinstance(self.path, list) else [self.path]
-        sources = [DataSource(path=e) if isinstance(e, str) else e for e in entries]
+        sources = [DataSource.of(e) for e in entries]
         return [dataclasses.replace(s, **{k: getattr(self, k) for k in SOURCE_DEFAULTS if getattr(s, k) is None})
                 for s in sources]
 
@@ -705,7 +710,7 @@ def _mixture_issues(entries: list[Union[str, DataSource]]) -> Iterator[Issue]:
     """data.path as a list: every source has a path, weights > 0, fractions in (0, 1] that add up to 1."""
     if not entries:
         yield Issue("data.path", "data.path is an empty list: give a dataset, or a list of sources to mix.")
-    sources = {i: DataSource(path=e) if isinstance(e, str) else e for i, e in enumerate(entries)
+    sources = {i: DataSource.of(e) for i, e in enumerate(entries)
                if isinstance(e, (str, DataSource))}  # an unreadable entry is reported already
     fractions = any(s.fraction is not None for s in sources.values())
     for i, s in sources.items():

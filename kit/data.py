@@ -554,12 +554,19 @@ def load_data(cfg: Config, tokenizer) -> TrainingData:
     return data
 
 
+def _splits_eval(cfg: Config) -> bool:
+    """Evaluation rows are split off the training rows: no eval file or split is given, a ratio is, and the run
+    evaluates."""
+    d = cfg.data
+    return not (d.eval_path or d.eval_split) and d.eval_ratio > 0 and cfg.train.eval_strategy != "no"
+
+
 def _one_dataset(cfg: Config, tokenizer, common: dict) -> TrainingData:
     d = cfg.data
     rows = load_rows(d.path, d.split, d.subset, d.revision)
     if d.eval_path or d.eval_split:
         eval_rows = load_rows(d.eval_path or d.path, d.eval_split or "train", d.subset, d.revision)
-    elif d.eval_ratio > 0 and cfg.train.eval_strategy != "no":
+    elif _splits_eval(cfg):
         rows, eval_rows = split_eval(rows, d.eval_ratio, cfg.train.seed, d.path)
     else:
         eval_rows = None
@@ -575,7 +582,7 @@ def _mixture(cfg: Config, tokenizer, common: dict) -> TrainingData:
     """Each source read, split and tokenized with its own format and column map, then mixed by its share.
     Its eval rows are held out before mixing, so that no repeated example is also an eval example."""
     d, seed = cfg.data, cfg.train.seed
-    split_off = not (d.eval_path or d.eval_split) and d.eval_ratio > 0 and cfg.train.eval_strategy != "no"
+    split_off = _splits_eval(cfg)
     names, trains, evals = [], [], []
     for i, s in enumerate(d.sources):
         name = f"data.path[{i}] {s.path}"

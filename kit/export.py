@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kit import env
 from kit.errors import ExportError
-from kit.gguf import KQUANTS, QUANTS, kquantize, load_llama_cpp, modelfile, write_gguf
+from kit.gguf import KQUANTS, QUANTS, check_quantizer, kquantize, modelfile, write_gguf
 from kit.io import atomic_dir, clean_leftovers
 from kit.rundir import RunDir, base_config, read_adapter
 from kit.template import LLAMA31_CHAT_TEMPLATE, generation_config
@@ -60,8 +60,8 @@ def export(run_dir: Path, to: str, quant: str = "q8_0") -> Path:
         raise ExportError(f"--to {to}: use {' or '.join(FORMATS)}.")
     if to == "gguf" and quant not in QUANTS:
         raise ExportError(f"--quant {quant}: unknown GGUF type; use one of {', '.join(QUANTS)}.")
-    if to == "gguf" and quant in KQUANTS:
-        load_llama_cpp(f"--quant {quant} (llama.cpp's quantizer)")  # before the model merges
+    if to == "gguf":
+        check_quantizer(quant, f"--quant {quant} (llama.cpp's quantizer)")  # before the model merges
     target = run.merged16 if to == "merged16" else run.gguf(quant)
     for folder in (run.merged16, *map(run.gguf, QUANTS)):  # what an interrupted export (any format) left
         clean_leftovers(folder)

@@ -148,6 +148,12 @@ def load_llama_cpp(purpose: str):
     return llama_cpp
 
 
+def check_quantizer(quant: str, purpose: str) -> None:
+    """Before any slow step: a k-quant needs llama.cpp's quantizer (the other types do not)."""
+    if quant in KQUANTS:
+        load_llama_cpp(purpose)
+
+
 def kquantize(src: Path, dst: Path, quant: str) -> None:
     """llama.cpp's own k-quant quantizer, through llama-cpp-python."""
     llama_cpp = load_llama_cpp(f"--quant {quant} (llama.cpp's quantizer)")

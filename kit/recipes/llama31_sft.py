@@ -104,8 +104,8 @@ def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices:
 def start_run(cfg: Config, devices: int) -> Optional[Path]:
     """The run directory, created; on resume, the checkpoint to go on from, written by as many processes."""
     trackers.check_installed(cfg.train.trackers)  # before the run directory changes
-    if "gguf" in cfg.export.formats and cfg.export.gguf_quant in gguf.KQUANTS:  # not after an hour of training
-        gguf.load_llama_cpp(f"export.gguf_quant={cfg.export.gguf_quant}")
+    if "gguf" in cfg.export.formats:  # not after an hour of training
+        gguf.check_quantizer(cfg.export.gguf_quant, f"export.gguf_quant={cfg.export.gguf_quant}")
     resume = rundir.start(cfg)
     if resume is not None:
         rundir.check_devices(resume, devices)
