@@ -7,18 +7,23 @@ files vLLM reads from VLLM_TUNED_CONFIG_FOLDER, which `kit serve` points at kit/
 Each (op, projection, tokens) is timed through vLLM's own lora_shrink / lora_expand ops, captured in a CUDA
 graph as vLLM runs them; a candidate reaches the op the way vLLM's configs do (a file in a temporary
 VLLM_TUNED_CONFIG_FOLDER). Prints one JSON line per shape: the default's and the best candidate's microseconds.
-Several processes may write into one --out: each merges its entries under a file lock.
+Several processes may write into one --out: each merges its entries under a file lock. VLLM_LORA_ENABLE_DUAL_STREAM
+is 1 unless set, as kit serve sets it on CUDA (the kernels then launch with programmatic dependent launch).
 """
 import argparse
 import fcntl
+import hashlib
 import itertools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 SEARCH = Path(tempfile.mkdtemp(prefix="lora-tune-"))
 os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(SEARCH)  # before vLLM reads its environment
+# as kit serve runs vLLM on CUDA: the LoRA kernels then launch with programmatic dependent launch (sm90+)
+os.environ.setdefault("VLLM_LORA_ENABLE_DUAL_STREAM", "1")
 
 import torch  # noqa: E402
 from vllm.lora.ops.triton_ops import LoRAKernelMeta, lora_expand, lora_shrink  # noqa: E402
@@ -114,6 +119,8 @@ def tune_shape(op: str, kind: str, m: int, rank: int, max_loras: int, add_inputs
             results[i] = timed(run)
         except Exception:  # a config Triton cannot build for this shape (shared memory, registers)
             continue
+    if not results:
+        raise SystemExit(f"{op} {kind} at {m} tokens: no configuration ran, not even vLLM's default")
     best = min(results, key=results.get)
     chosen = candidates[best - 1] if best else dict(default)
     return key, chosen, {"op": op, "proj": kind, "m": m, "rank": rank, "add_inputs": add_inputs,
@@ -123,7 +130,9 @@ def tune_shape(op: str, kind: str, m: int, rank: int, max_loras: int, add_inputs
 
 def merge(out: Path, name: str, entries: list[tuple[list[str], dict]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:
+    # the lock beside the temporary files, not in --out (the kit's folder ships what is there)
+    tag = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"lora-tune-{tag}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = out / name
         data = json.loads(path.read_text()) if path.exists() else {}
@@ -152,6 +161,7 @@ def main() -> None:
             entries.append((key, config))
         name = f"{gpu}_SHRINK.json" if op == "shrink" else f"{gpu}_EXPAND_{str(add_inputs).upper()}.json"
         merge(args.out, name, entries)
+    shutil.rmtree(SEARCH)
 
 
 if __name__ == "__main__":

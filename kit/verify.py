@@ -4,8 +4,8 @@ and logit differences; exit 1 when a target disagrees beyond its threshold.
 
 Token agreement: the share of the reference's greedy tokens a target reproduces before it first
 differs, averaged over prompts. Max |Δlogit|: over the prompt and the reference continuation.
-A server's answer that first differs where the reference's two best tokens were within TIE_NATS of each other
-is a near-tie (rounding decides those; the answers then part ways), and counts as agreeing in the verdict.
+A server's answer that first differs with a token (or a stop) that the reference scored within TIE_NATS of its
+own parts at a near-tie (rounding decides those; the answers then part ways) and counts as agreeing in the verdict.
 
 A served adapter must also change something: its row "server:NAME vs base" is the share of prompts whose
 answer the adapter changes locally (base + adapter against the base alone) where the server's answer with
@@ -61,11 +61,11 @@ class Reference:
     continuation: list[int]
     logits: numpy.ndarray  # one row per position of prompt + continuation
 
-    def near_tie(self, n: int) -> bool:
-        """Whether the continuation's token n won by less than TIE_NATS over the runner-up."""
-        import numpy as np
-        second, first = np.partition(self.logits[len(self.ids) - 1 + n], -2)[-2:]
-        return float(first - second) < TIE_NATS
+    def near_tie(self, n: int, token: Optional[int]) -> bool:
+        """Whether `token` (None: a stop token) scored within TIE_NATS of the continuation's token n."""
+        row = self.logits[len(self.ids) - 1 + n]
+        other = max(row[t] for t in STOP_TOKEN_IDS) if token is None else row[token]
+        return float(row[self.continuation[n]] - other) < TIE_NATS
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -142,8 +142,9 @@ def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] =
         refs.append(Reference(ids, *hf_run(ref_model, ids, max_new)))
     results = []
     if (run.merged16 / "config.json").is_file():
-        m = AutoModelForCausalLM.from_pretrained(run.merged16, dtype=torch.float32, **on_gpu()).eval()
+        m = AutoModelForCausalLM.from_pretrained(run.merged16, dtype=torch.float32, **on_gpu(str(run.merged16))).eval()
         results.append(_compare("merged16", refs, lambda ids, seq: hf_run(m, ids, max_new, seq)))
+        del m  # its memory, before the GGUF files and the server's answers
     for gguf_file in run.gguf_files():
         llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=1024, logits_all=True, verbose=False)
         results.append(_compare(gguf_file.parent.name, refs,
@@ -167,12 +168,13 @@ def _compare(target: str, refs: list[Reference], run_one) -> Result:
 
 
 def _tie_aware(ref: Reference, got: list[int]) -> tuple[float, bool]:
-    """(agreement of a server's answer with the reference's text, whether it first differs at a near-tie)."""
+    """(agreement of a server's answer with the reference's text, whether it parts from it at a near-tie: its
+    token there, or its stop, scored within TIE_NATS of the reference's)."""
     text = _text(ref.continuation)
-    if not text:
-        return float(not got), False
     n = matched(text, got)
-    return n / len(text), n < len(text) and ref.near_tie(n)
+    if n == len(text) and (text or not got):
+        return 1.0, False
+    return (n / len(text) if text else 0.0), ref.near_tie(n, got[n] if n < len(got) else None)
 
 
 def _server(url, model_name, tok, prompts, refs: list[Reference], bases: list[Reference], max_new) -> list[Result]:
@@ -195,7 +197,7 @@ def _server(url, model_name, tok, prompts, refs: list[Reference], bases: list[Re
         agree, tie = _tie_aware(ref, tokens)
         agrees.append(agree)
         ties.append(tie)
-        stops.append(finish == "stop" or ref.continuation[-1] not in STOP_TOKEN_IDS)
+        stops.append(finish == "stop" or ref.continuation[-1] not in STOP_TOKEN_IDS or tie)  # a tie may run on
         got.append(tokens)
     result = _judge(f"server:{model_name}", agrees, [], stops, ties)
     base = served[model_name].get("parent")

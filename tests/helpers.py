@@ -79,13 +79,13 @@ def decided_greedy_text(model, tokenizer, messages: list[dict], max_new_tokens: 
     another implementation of the same weights may pick either token there. The whole answer when none."""
     import torch
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
+                                        return_dict=True)["input_ids"].to(model.device)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=STOP_TOKEN_IDS, pad_token_id=tokenizer.pad_token_id,
                              output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[0, ids.shape[1]:].tolist()
-    margins = top1_margin(torch.cat(out.logits).float().numpy())
+    margins = top1_margin(torch.cat(out.logits).float().cpu().numpy())
     close = np.flatnonzero(margins <= 2 * tolerance)
     n = int(close[0]) if close.size else len(tokens)
     return tokenizer.decode(tokens[:n], skip_special_tokens=True).rstrip("\ufffd")  # a cut multi-byte char

