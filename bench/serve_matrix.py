@@ -8,8 +8,9 @@ questions, then all stopped. Numbers belong in docs/benchmarks.md with the hardw
         --variant "fp8|2||--merged --fp8"
 
 A variant is LABEL|GPU|ENV=VALUE,...|kit serve options. Prints one JSON line per variant and concurrency
-(serve_load's), writes DIR/greedy-LABEL.json (answers with their two best tokens' log-probabilities) and
-DIR/serve-LABEL.log. --after runs a command while the servers still run, with KIT_MATRIX_URLS="LABEL=URL ...".
+(serve_load's; with --all-models also LABEL-base for an adapter server's base), writes DIR/greedy-LABEL.json
+(answers with their two best tokens' log-probabilities) and DIR/serve-LABEL.log. --after runs a command while
+the servers still run, with KIT_MATRIX_URLS="LABEL=URL ...".
 """
 import argparse
 import json
@@ -55,12 +56,11 @@ def healthy(v: Variant) -> bool:
         return False
 
 
-def served_model(v: Variant) -> str:
-    """The adapter when the server has one, else its one model."""
+def served_models(v: Variant) -> list[str]:
+    """What the server serves, its adapters first (the base last)."""
     with urllib.request.urlopen(v.url + "/models", timeout=10) as r:
         models = json.load(r)["data"]
-    adapters = [m["id"] for m in models if m.get("parent")]
-    return adapters[0] if adapters else models[0]["id"]
+    return [m["id"] for m in models if m.get("parent")] + [m["id"] for m in models if not m.get("parent")]
 
 
 def greedy(v: Variant, model: str, questions: list[str], tokens: int) -> list[dict]:
@@ -92,6 +92,7 @@ def main() -> int:
     ap.add_argument("--greedy", type=int, default=16)
     ap.add_argument("--greedy-tokens", type=int, default=48)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--all-models", action="store_true", help="load the server's base too, not only its adapter")
     ap.add_argument("--timeout", type=float, default=480, help="seconds for every server to become healthy")
     ap.add_argument("--after", help="a command run while the servers run (KIT_MATRIX_URLS names them)")
     args = ap.parse_args()
@@ -121,11 +122,14 @@ def main() -> int:
             print(json.dumps({"label": v.label, "error": f"not healthy after {args.timeout:g} s"}), flush=True)
         up = [v for v in variants if v.healthy_after is not None]
         for v in up:
-            model = served_model(v)
+            models = served_models(v)
+            model = models[0]
             print(json.dumps({"label": v.label, "healthy_after_s": v.healthy_after, "model": model, "gpu": v.gpu,
                               "env": v.env, "options": v.options}), flush=True)
-            subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--url", v.url, "--model", model,
-                            "--label", v.label, "--concurrency", *map(str, args.concurrency)], check=False)
+            for other in models if args.all_models else [model]:
+                label = v.label if other == model else f"{v.label}-base"
+                subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--url", v.url, "--model", other,
+                                "--label", label, "--concurrency", *map(str, args.concurrency)], check=False)
             if args.questions:
                 answers = greedy(v, model, questions_of(args.questions, args.greedy), args.greedy_tokens)
                 (args.out / f"greedy-{v.label}.json").write_text(json.dumps(answers, ensure_ascii=False))

@@ -14,8 +14,9 @@ def load_adapter_model(run_dir: Path, dtype: str = "float32"):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     adapter = read_adapter(run_dir)
-    model = AutoModelForCausalLM.from_pretrained(adapter.base, dtype=getattr(torch, dtype),
-                                                 **on_gpu(adapter.base, torch.finfo(getattr(torch, dtype)).bits // 8))
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(adapter.base, dtype=torch_dtype,
+                                                 **on_gpu(adapter.base, torch_dtype.itemsize))
     model = PeftModel.from_pretrained(model, str(adapter.path)).eval()
     return model, AutoTokenizer.from_pretrained(str(adapter.path))
 
