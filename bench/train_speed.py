@@ -98,7 +98,9 @@ class StepProfiler:
     def report(self) -> None:
         events = self.prof.key_averages()
         wall = (self.marks[-1] - self.marks[0]) if len(self.marks) >= 2 else float("nan")
-        gpu = sum(e.self_device_time_total for e in events) / 1e6
+        # Kernels only, as the profiler's own "Self CUDA time total": an op or a user annotation (ProfilerStep#)
+        # repeats the time of the kernels it launched.
+        gpu = sum(e.self_device_time_total for e in events if e.device_type != self.torch.autograd.DeviceType.CPU) / 1e6
         counts = {name: next((e.count for e in events if e.key == name), 0)
                   for name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
                                "cudaLaunchKernel", "cudaMemcpyAsync")}

@@ -117,8 +117,8 @@ def kernels(backend: Backend, padding_free: bool, fused_head: bool) -> Kernels:
             attention = "PyTorch varlen flash (torch.nn.attention.varlen)"
         elif getattr(dispatch, "HAS_XFORMERS", False):
             attention = "xformers block-diagonal"
-        else:  # torch < 2.12 has no GQA varlen kernel for Unsloth to call
-            attention = "SDPA once per example (no variable-length kernel)"
+        else:
+            attention = "SDPA once per example (this torch's varlen attention has no GQA; torch >= 2.12 does)"
         try:
             xformers = metadata.version("xformers")
             if not getattr(dispatch, "HAS_XFORMERS", False):

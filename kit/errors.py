@@ -54,7 +54,7 @@ class SetupError(KitError, RuntimeError):
 def install_extras(packages: str) -> str:
     """How to install packages of the kit's extras (trackers, lm-eval, llama.cpp), which `make demo` leaves out."""
     return (f"run `make setup-extras` in the kit's checkout, or pip install the {packages} that "
-            "requirements/cpu-extras.txt (CPU) and requirements/gpu-lock.txt (CUDA) pin")
+            "requirements/cpu-extras.txt (CPU) and requirements/gpu-train-lock.txt (CUDA) pin")
 
 
 class ServerError(KitError, ValueError):

@@ -150,9 +150,10 @@ def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib
     fits the GPU memory budget. `lengths`: the training examples' token counts (None: a plan without data,
     sized for the worst case); `card_gib`: the GPU's memory (None: no GPU known).
 
-    Measured (docs/benchmarks.md): padding-free steps pay a host cost per pass (Unsloth attends example by
-    example with torch 2.11), so a step's examples go in as few passes as fit; recompute costs less than
-    more passes, so checkpointing comes before a finer split. Padded batches are only ever split finer."""
+    Measured (docs/benchmarks.md): padding-free steps pay a host cost per pass (with torch 2.11 Unsloth attends
+    example by example; 2.12's varlen kernel makes that cost smaller), so a step's examples go in as few passes
+    as fit; recompute cost less than more passes under torch 2.11, so checkpointing comes before a finer split.
+    Padded batches are only ever split finer."""
     t, m = cfg.train, cfg.model
     unsloth_cuda = cuda and m.backend != "hf"
     padding_free = t.packing or (unsloth_cuda if t.padding_free == "auto" else t.padding_free)

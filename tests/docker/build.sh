@@ -3,7 +3,7 @@
 # locally with debootstrap (no registry, so no NVIDIA base either). Prints the build time and the size.
 # --format docker: the OCI format has no HEALTHCHECK, and podman would drop it.
 #   tests/docker/build.sh            # CPU variant -> localhost/kit:cpu, then: pytest tests/test_docker.py
-#   tests/docker/build.sh gpu        # GPU variant (requirements/gpu.txt) -> localhost/kit:gpu
+#   tests/docker/build.sh gpu        # GPU variant (requirements/gpu-{train,serve}.txt) -> localhost/kit:gpu
 # The host's CA bundle is passed as a build secret (never stored in the image); host wheel folders
 # (/opt/wheels: torch 2.13.0+cpu on these machines) are mounted read-only and given to pip as find-links.
 set -euo pipefail
