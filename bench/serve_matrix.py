@@ -1,6 +1,9 @@
-"""Serving variants side by side in one call: one `kit serve` per variant, each on its own GPU of this host,
-started together, then bench/serve_load.py on each (one at a time), greedy answers to the run's training
-questions, then all stopped. Numbers belong in docs/benchmarks.md with the hardware named.
+"""Serving variants side by side in one call: one `kit serve` per variant, on the GPUs of this host, then
+bench/serve_load.py on each (one at a time), greedy answers to the run's training questions, then all stopped.
+Variants on different GPUs start together; variants sharing a GPU start one after another, each once the one
+before it is healthy, because vLLM sizes its KV cache from the GPU's free memory and would count a neighbour's
+allocations during its own memory profile as its own. Numbers belong in docs/benchmarks.md with the hardware
+named.
 
     python bench/serve_matrix.py RUN --out DIR \\
         --variant "merged|0||--merged" \\
@@ -35,6 +38,7 @@ class Variant:
     options: list
     port: int
     proc: Optional[subprocess.Popen] = None
+    started: Optional[float] = None
     healthy_after: Optional[float] = None
 
     @property
@@ -82,6 +86,43 @@ def questions_of(data: Path, n: int) -> list[str]:
     return [r["instruction"] + ("\n" + r["input"] if r.get("input") else "") for r in rows]
 
 
+def launch(v: Variant, out: Path, run: Path, timeout: float) -> None:
+    env = {**os.environ, **v.env, "CUDA_VISIBLE_DEVICES": v.gpu}
+    with open(out / f"serve-{v.label}.log", "w") as log:  # the child keeps its own descriptor
+        v.proc = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(run), "--port", str(v.port),
+                                   "--timeout", str(timeout), *v.options], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    v.started = time.monotonic()
+
+
+def start_all(variants: list[Variant], out: Path, run: Path, timeout: float) -> None:
+    """Start the first variant of each GPU, and each next one of a GPU once the one before it is healthy (or
+    failed); --timeout counts for each server from its own start."""
+    queues: dict[str, list[Variant]] = {}
+    for v in variants:
+        queues.setdefault(v.gpu, []).append(v)
+    for queue in queues.values():
+        launch(queue.pop(0), out, run, timeout)
+    starting = [v for v in variants if v.proc is not None]
+    while starting:
+        for v in list(starting):
+            waited = time.monotonic() - v.started
+            if v.proc.poll() is not None:
+                print(json.dumps({"label": v.label, "error": f"kit serve exited {v.proc.returncode}"}), flush=True)
+            elif healthy(v):
+                v.healthy_after = round(waited, 1)
+            elif waited > timeout:
+                print(json.dumps({"label": v.label, "error": f"not healthy after {timeout:g} s"}), flush=True)
+            else:
+                continue
+            starting.remove(v)
+            if queues[v.gpu]:
+                nxt = queues[v.gpu].pop(0)
+                launch(nxt, out, run, timeout)
+                starting.append(nxt)
+        time.sleep(2)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
@@ -93,33 +134,15 @@ def main() -> int:
     ap.add_argument("--greedy-tokens", type=int, default=48)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--all-models", action="store_true", help="load the server's base too, not only its adapter")
-    ap.add_argument("--timeout", type=float, default=480, help="seconds for every server to become healthy")
+    ap.add_argument("--timeout", type=float, default=480, help="seconds each server may take to become healthy")
     ap.add_argument("--after", help="a command run while the servers run (KIT_MATRIX_URLS names them)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [parse(t, args.port + i) for i, t in enumerate(args.variant)]
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a timeout or a closed terminal still stops the servers
         signal.signal(sig, lambda *_: sys.exit(1))
-    t0 = time.monotonic()
     try:
-        for v in variants:
-            env = {**os.environ, **v.env, "CUDA_VISIBLE_DEVICES": v.gpu}
-            with open(args.out / f"serve-{v.label}.log", "w") as log:  # the child keeps its own descriptor
-                v.proc = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(args.run), "--port",
-                                           str(v.port), "--timeout", str(args.timeout), *v.options], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        waiting = list(variants)
-        while waiting and time.monotonic() - t0 < args.timeout:
-            for v in list(waiting):
-                if v.proc.poll() is not None:
-                    print(json.dumps({"label": v.label, "error": f"kit serve exited {v.proc.returncode}"}), flush=True)
-                    waiting.remove(v)
-                elif healthy(v):
-                    v.healthy_after = round(time.monotonic() - t0, 1)
-                    waiting.remove(v)
-            time.sleep(2)
-        for v in waiting:
-            print(json.dumps({"label": v.label, "error": f"not healthy after {args.timeout:g} s"}), flush=True)
+        start_all(variants, args.out, args.run, args.timeout)
         up = [v for v in variants if v.healthy_after is not None]
         for v in up:
             models = served_models(v)

@@ -120,8 +120,8 @@ def check(run_dirs: list[Path], merged: bool = False, base: Optional[str] = None
         notes.append(f"--max-model-len {max_model_len} is below the runs' max_seq_length {trained_len}: prompts as "
                      "long as the training examples will be refused.")
     if len(runs) == 1 and not (adapter_form or runtime_adapters):
-        notes.append(f"one fine-tune is served as base + adapter; merged is faster (the adapter decoded at 0.90x of "
-                     "merged at 1 request and 0.95x at 32 on an H200, docs/benchmarks.md): kit export "
+        notes.append(f"one fine-tune is served as base + adapter; merged is faster (the adapter decoded at 0.90-0.93x "
+                     "of merged at 1 request and 0.90-0.95x at 32 on an H200, docs/benchmarks.md): kit export "
                      f"{runs[0].path} --to merged16, then kit serve {runs[0].path} --merged. --adapter keeps this form "
                      "without this note.")
     if fp8:

@@ -1,6 +1,8 @@
-"""The GPU environments' requirement files agree with their locks, training keeps the torch its speed needs, and
-every requirements file the Dockerfile and the guides name exists."""
+"""The GPU environments' requirement files agree with their locks, training keeps the torch its speed needs,
+every requirements file the Dockerfile and the guides name exists, and make never reinstalls an environment that
+make setup-gpu made with the CPU wheels."""
 import re
+import subprocess
 
 import pytest
 
@@ -39,3 +41,19 @@ def test_every_requirements_file_the_image_and_guides_name_exists():
     for doc in ["Dockerfile", "README.md", "docs/ko/README.md", "docs/docker.md", "Makefile", "kit/errors.py"]:
         named |= set(re.findall(r"requirements/([\w.-]+\.txt)", (ROOT / doc).read_text()))
     assert named and {n for n in named if not (REQUIREMENTS / n).is_file()} == set()
+
+
+@pytest.mark.parametrize("made_for_gpu", [False, True])
+def test_make_demo_and_serve_keep_environments_that_setup_gpu_made(tmp_path, made_for_gpu):
+    venv, serve = tmp_path / "venv", tmp_path / "venv-serve"
+    for env in (venv, serve):
+        env.mkdir()
+        if made_for_gpu:
+            (env / ".kit-gpu").touch()
+    plan = subprocess.run(["make", "-n", "demo", "serve", f"VENV={venv}", f"SERVE={serve}"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+    cpu_installs = [line for line in plan.splitlines() if "requirements/cpu-" in line]
+    if made_for_gpu:  # installing the CPU wheels there would replace the CUDA torch
+        assert cpu_installs == [] and f"{venv}/bin/python -m kit.cli serve" in plan
+    else:
+        assert len(cpu_installs) == 2
