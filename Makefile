@@ -7,8 +7,8 @@
 #   make setup-extras  requirements/cpu-extras.txt into .venv: trackers, lm-eval, llama.cpp (q4_k_m/q5_k_m GGUF)
 #   make setup-serve   .venv-serve from requirements/cpu-serve.txt: vLLM's CPU build, for kit serve
 #   make setup-gpu     a CUDA 13 host: .venv (torch 2.12, Unsloth) and .venv-serve (vLLM 0.26, torch 2.11) from
-#                      requirements/gpu-{train,serve}.txt, every version fixed by their *-lock.txt; demo and serve
-#                      then use these
+#                      requirements/gpu-{train,serve}.txt, every version fixed by their *-lock.txt (extras
+#                      included); demo, serve and setup-extras then keep these
 PY      ?= python3
 VENV    ?= .venv
 SERVE   ?= .venv-serve
@@ -17,14 +17,16 @@ RUN     ?= runs/demo
 INSTALL = $(PY) requirements/install.py
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-# an environment that make setup-gpu made is used as it is, never reinstalled with the CPU wheels
+# an environment that make setup-gpu made is used as it is, never reinstalled with the CPU wheels (its
+# requirements/gpu-train.txt holds the extras too)
 TRAIN_ENV = $(if $(wildcard $(VENV)/.kit-gpu),$(VENV)/.kit-gpu,$(VENV)/.kit-ready)
+EXTRAS_ENV = $(if $(wildcard $(VENV)/.kit-gpu),$(VENV)/.kit-gpu,$(VENV)/.kit-extras)
 SERVE_ENV = $(if $(wildcard $(SERVE)/.kit-gpu),$(SERVE)/.kit-gpu,$(SERVE)/.kit-ready)
 
 .PHONY: setup setup-train setup-extras setup-serve setup-gpu demo serve test clean
 setup: setup-train setup-extras setup-serve
 setup-train: $(VENV)/.kit-ready
-setup-extras: $(VENV)/.kit-extras
+setup-extras: $(EXTRAS_ENV)
 setup-serve: $(SERVE)/.kit-ready
 setup-gpu: $(VENV)/.kit-gpu $(SERVE)/.kit-gpu
 

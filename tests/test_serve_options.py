@@ -35,6 +35,21 @@ def _dry_run(capsys, *args) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+# ---------------------------------------------------------------- where vLLM is
+
+def test_without_vllm_kit_serve_names_the_setup_target_of_each_machine(monkeypatch, tmp_path):
+    monkeypatch.delenv("KIT_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(serve.env, "checkout", lambda: tmp_path)  # a checkout without .venv-serve
+    with pytest.raises(PreflightError) as e:
+        serve.vllm_python()
+    assert "`make setup-serve` (CPU" in str(e.value) and "`make setup-gpu` (vLLM 0.26" in str(e.value)
+    venv_python = tmp_path / serve.SERVE_VENV / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.touch()
+    assert serve.vllm_python() == str(venv_python)
+
+
 # ---------------------------------------------------------------- LoRA settings
 
 def test_lora_slots_follow_the_adapters_and_runtime_loading_gets_cpu_room(adapter_run):
