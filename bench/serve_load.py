@@ -3,13 +3,19 @@ streamed chat requests, each generating exactly --tokens tokens (ignore_eos), gr
 
     python bench/serve_load.py --url http://127.0.0.1:8000/v1 --model NAME --label adapter --concurrency 1 32
 
-Prints one JSON line per concurrency level. Numbers belong in docs/benchmarks.md with the hardware named.
+Prints one JSON line per concurrency level. With --profile-dir (the torch_profiler_dir of a server started with
+vLLM's --profiler-config), one more round per level runs under vLLM's profiler, and bench/kernel_profile.py's
+summary of its trace follows as another line. Numbers belong in docs/benchmarks.md with the hardware named.
 """
 import argparse
 import asyncio
 import json
 import statistics
 import time
+import urllib.request
+from pathlib import Path
+
+import kernel_profile
 
 PROMPT = "서울에서 부산까지 가는 가장 좋은 방법을 자세히 설명해 주세요. 교통수단별 장단점도 알려 주세요."
 
@@ -47,6 +53,30 @@ async def level(client, model: str, n: int, tokens: int, repeats: int) -> dict:
             "ttft_median_s": round(statistics.median(ttfts), 4), "ttft_max_s": round(max(ttfts), 4)}
 
 
+def post(url: str) -> None:
+    urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=600).close()
+
+
+async def profiled(client, url: str, model: str, n: int, tokens: int, trace_dir: Path) -> dict:
+    """One round of n requests under vLLM's profiler (the server writes the trace when it stops), summarized."""
+    before = set(trace_dir.glob("*.pt.trace.json*"))
+    root = url.removesuffix("/v1")
+    post(root + "/start_profile")
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*[one(client, model, tokens) for _ in range(n)])
+    wall = time.perf_counter() - t0
+    post(root + "/stop_profile")
+    for _ in range(300):
+        new = sorted(set(trace_dir.glob("*.pt.trace.json*")) - before, key=lambda p: p.stat().st_mtime)
+        if new:
+            break
+        await asyncio.sleep(1)
+    else:
+        raise SystemExit(f"{model}: no new trace in {trace_dir} after the profiled round")
+    return {"concurrency": n, "profiled_output_tokens_per_s": round(sum(r[1] for r in results) / wall, 1),
+            **kernel_profile.summarize(new[-1], tokens)}
+
+
 async def answer(client, model: str) -> str:
     """The greedy answer to the prompt (32 tokens): adapter and merged should say the same."""
     r = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
@@ -62,6 +92,8 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile-dir", type=Path,
+                    help="the server's torch_profiler_dir: profile one more round per level")
     a = ap.parse_args()
     import openai
     client = openai.AsyncOpenAI(base_url=a.url, api_key="none", timeout=600)
@@ -69,6 +101,9 @@ async def main() -> None:
     print(json.dumps({"label": label, "greedy_answer": await answer(client, a.model)}, ensure_ascii=False), flush=True)
     for n in a.concurrency:
         row = await level(client, a.model, n, a.tokens, a.repeats)
+        print(json.dumps({"label": label, "tokens": a.tokens, **row}), flush=True)
+    for n in a.concurrency if a.profile_dir else []:
+        row = await profiled(client, a.url, a.model, n, a.tokens, a.profile_dir)
         print(json.dumps({"label": label, "tokens": a.tokens, **row}), flush=True)
 
 

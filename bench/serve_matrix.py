@@ -13,7 +13,8 @@ named.
 A variant is LABEL|GPU|ENV=VALUE,...|kit serve options. Prints one JSON line per variant and concurrency
 (serve_load's; with --all-models also LABEL-base for an adapter server's base), writes DIR/greedy-LABEL.json
 (answers with their two best tokens' log-probabilities) and DIR/serve-LABEL.log. --after runs a command while
-the servers still run, with KIT_MATRIX_URLS="LABEL=URL ...".
+the servers still run, with KIT_MATRIX_URLS="LABEL=URL ...". --profile starts each server with vLLM's torch
+profiler (traces in DIR/profile-LABEL) and adds serve_load's profiled round per concurrency level.
 """
 import argparse
 import json
@@ -86,23 +87,36 @@ def questions_of(data: Path, n: int) -> list[str]:
     return [r["instruction"] + ("\n" + r["input"] if r.get("input") else "") for r in rows]
 
 
-def launch(v: Variant, out: Path, run: Path, timeout: float) -> None:
+def profile_dir(v: Variant, out: Path) -> Path:
+    return (out / f"profile-{v.label}").resolve()
+
+
+def profiler_options(v: Variant, out: Path) -> list[str]:
+    """vLLM options (after kit serve's --) for its torch profiler, started and stopped by serve_load: GPU
+    kernels of the engine only, without Python stacks (they would slow the host side being measured)."""
+    config = {"profiler": "torch", "torch_profiler_dir": str(profile_dir(v, out)), "torch_profiler_with_stack": False,
+              "ignore_frontend": True}
+    return ([] if "--" in v.options else ["--"]) + ["--profiler-config", json.dumps(config, separators=(",", ":"))]
+
+
+def launch(v: Variant, out: Path, run: Path, timeout: float, profile: bool) -> None:
     env = {**os.environ, **v.env, "CUDA_VISIBLE_DEVICES": v.gpu}
+    options = [*v.options, *(profiler_options(v, out) if profile else [])]
     with open(out / f"serve-{v.label}.log", "w") as log:  # the child keeps its own descriptor
         v.proc = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(run), "--port", str(v.port),
-                                   "--timeout", str(timeout), *v.options], env=env, stdout=log,
+                                   "--timeout", str(timeout), *options], env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     v.started = time.monotonic()
 
 
-def start_all(variants: list[Variant], out: Path, run: Path, timeout: float) -> None:
+def start_all(variants: list[Variant], out: Path, run: Path, timeout: float, profile: bool = False) -> None:
     """Start the first variant of each GPU, and each next one of a GPU once the one before it is healthy (or
     failed); --timeout counts for each server from its own start."""
     queues: dict[str, list[Variant]] = {}
     for v in variants:
         queues.setdefault(v.gpu, []).append(v)
     for queue in queues.values():
-        launch(queue.pop(0), out, run, timeout)
+        launch(queue.pop(0), out, run, timeout, profile)
     starting = [v for v in variants if v.proc is not None]
     while starting:
         for v in list(starting):
@@ -118,7 +132,7 @@ def start_all(variants: list[Variant], out: Path, run: Path, timeout: float) -> 
             starting.remove(v)
             if queues[v.gpu]:
                 nxt = queues[v.gpu].pop(0)
-                launch(nxt, out, run, timeout)
+                launch(nxt, out, run, timeout, profile)
                 starting.append(nxt)
         time.sleep(2)
 
@@ -135,6 +149,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--all-models", action="store_true", help="load the server's base too, not only its adapter")
     ap.add_argument("--timeout", type=float, default=480, help="seconds each server may take to become healthy")
+    ap.add_argument("--profile", action="store_true", help="vLLM's torch profiler: one profiled round per level")
     ap.add_argument("--after", help="a command run while the servers run (KIT_MATRIX_URLS names them)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +157,7 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):  # a timeout or a closed terminal still stops the servers
         signal.signal(sig, lambda *_: sys.exit(1))
     try:
-        start_all(variants, args.out, args.run, args.timeout)
+        start_all(variants, args.out, args.run, args.timeout, args.profile)
         up = [v for v in variants if v.healthy_after is not None]
         for v in up:
             models = served_models(v)
@@ -151,8 +166,10 @@ def main() -> int:
                               "env": v.env, "options": v.options}), flush=True)
             for other in models if args.all_models else [model]:
                 label = v.label if other == model else f"{v.label}-base"
+                profiled = ["--profile-dir", str(profile_dir(v, args.out))] if args.profile else []
                 subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--url", v.url, "--model", other,
-                                "--label", label, "--concurrency", *map(str, args.concurrency)], check=False)
+                                "--label", label, "--concurrency", *map(str, args.concurrency), *profiled],
+                               check=False)
             if args.questions:
                 answers = greedy(v, model, questions_of(args.questions, args.greedy), args.greedy_tokens)
                 (args.out / f"greedy-{v.label}.json").write_text(json.dumps(answers, ensure_ascii=False))

@@ -5,7 +5,7 @@
     kit export RUN_DIR --to merged16|gguf [--quant q8_0]   merged 16-bit model or GGUF (+ Ollama Modelfile)
     kit verify RUN_DIR [--url URL --model NAME]            exports (and a server) agree with base + adapter?
     kit eval RUN_DIR [--tasks kit_heldout,NAME] [--merged] lm-evaluation-harness: the held-out split, lm-eval tasks
-    kit serve RUN_DIR [RUN_DIR ...] [--merged]             vLLM's OpenAI-compatible server
+    kit serve RUN_DIR [RUN_DIR ...] [--merged] [-- VLLM]   vLLM's OpenAI-compatible server (VLLM: its own options)
     kit chat --url URL --model NAME [--prompt TEXT]        streaming chat with a served model
     kit adapters load URL RUN_DIR [--name NAME]            load an adapter into a running server
     kit adapters unload URL NAME                           unload one (kit serve --allow-runtime-adapters)
@@ -27,7 +27,11 @@ def cmd_ask(args) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    vllm_options = []
+    if argv and argv[0] == "serve" and "--" in argv:  # kit serve's own options, then vLLM's
+        cut = argv.index("--")
+        argv, vllm_options = argv[:cut], argv[cut + 1:]
     if argv and argv[0] == "train":
         from kit.recipes.llama31_sft import main as train_main
         return train_main(argv[1:], prog="kit train")
@@ -46,6 +50,8 @@ def main(argv=None) -> int:
     chat_client.add_arguments(sub.add_parser("chat", help="chat with a served model (OpenAI API)"))
     adapters.add_arguments(sub.add_parser("adapters", help="load or unload adapters of a running server"))
     args = p.parse_args(argv)
+    if args.command == "serve":
+        args.vllm_options = vllm_options
     commands = {"ask": cmd_ask, "export": export.run_cli, "verify": verify.run_cli, "eval": evaluation.run_cli,
                 "serve": serve.run_cli, "chat": chat_client.run_cli, "adapters": adapters.run_cli}
     try:

@@ -5,6 +5,7 @@ parent-death signal and kit.serve_guard).
     kit serve runs/demo                       # base + adapter 'demo' on 127.0.0.1:8000
     kit serve runs/a runs/b --port 8001       # two adapters of one base on one server
     KIT_API_KEY=... kit serve runs/demo --host 0.0.0.0
+    kit serve runs/demo -- --max-num-seqs 64      # options after -- go to vLLM unchanged
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import dataclasses
 import errno
 import importlib.util
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -42,6 +44,14 @@ STOP_GRACE = 30  # seconds vLLM has to stop after SIGTERM before its whole proce
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 TP_WEIGHTS_SHARE = 0.8  # of each GPU's memory the weights may take; vLLM needs the rest for the KV cache
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's KV-cache types for Llama, CUDA and CPU
+# vLLM options that kit serve derives itself, with what sets them instead; after `--` they would contradict it
+KIT_SETS = {"--model": "the run directories (or --base)", "--tokenizer": "the run directories",
+            "--enable-lora": "the run directories (their adapters)", "--lora-modules": "the run directories and --name",
+            "--api-key": "kit serve --api-key-env", "--quantization": "kit serve --fp8", "-q": "kit serve --fp8",
+            "-tp": "kit serve --tensor-parallel-size",
+            **{f"--{name}": f"kit serve --{name}" for name in (
+                "host", "port", "max-model-len", "kv-cache-dtype", "tensor-parallel-size", "gpu-memory-utilization",
+                "max-lora-rank", "max-loras", "max-cpu-loras")}}
 
 
 def vllm_python() -> str:
@@ -143,8 +153,25 @@ def tuned_lora_configs() -> Optional[Path]:
     return TUNED_LORA_CONFIGS if any(TUNED_LORA_CONFIGS.glob("*.json")) else None
 
 
-def command(spec: ServeSpec, host: str, port: int, api_key_env: str) -> tuple[list[str], dict]:
-    """(vLLM's command line, its environment); the API key travels in the environment only."""
+def check_vllm_options(options: list[str]) -> None:
+    """Options after `--` go to vLLM as they are, except those kit serve derives itself (vLLM spells them
+    with - or _, and --flag=value)."""
+    clashes = []
+    for option in options:
+        flag = option.split("=", 1)[0]
+        flag = flag[:2] + flag[2:].replace("_", "-")
+        if flag in KIT_SETS:
+            clashes.append(f"{flag}: set by {KIT_SETS[flag]}")
+    if clashes:
+        raise PreflightError("vLLM options after -- that kit serve sets itself: " + "; ".join(clashes) + ". Use "
+                             "those instead (with --dry-run to see the whole vLLM command line).")
+
+
+def command(spec: ServeSpec, host: str, port: int, api_key_env: str,
+            vllm_options: Sequence[str] = ()) -> tuple[list[str], dict]:
+    """(vLLM's command line, its environment); the API key travels in the environment only. vllm_options
+    (what followed `--`) come last."""
+    check_vllm_options(list(vllm_options))
     key = env.api_key(api_key_env)
     if host not in LOOPBACK and not key:
         raise PreflightError(f"binding {host} exposes the server beyond this machine: set an API key in the "
@@ -168,6 +195,7 @@ def command(spec: ServeSpec, host: str, port: int, api_key_env: str) -> tuple[li
         cmd += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank), "--max-loras", str(spec.max_loras),
                 "--max-cpu-loras", str(spec.max_cpu_loras),
                 "--lora-modules", *[f"{a.name}={a.adapter.path}" for a in spec.adapters]]
+    cmd += vllm_options
     child_env = dict(os.environ)
     child_env.pop("VLLM_API_KEY", None)
     if key:
@@ -192,7 +220,8 @@ SHOWN_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM
 
 def shell_line(cmd: list[str], child_env: dict) -> str:
     """The launch as one shell line: the vLLM settings of its environment (never the API key), the command."""
-    return " ".join([f"{k}={child_env[k]}" for k in SHOWN_ENV if k in child_env] + cmd)
+    settings = [f"{k}={shlex.quote(child_env[k])}" for k in SHOWN_ENV if k in child_env]
+    return " ".join(settings + [shlex.quote(a) for a in cmd])
 
 
 def check_port(host: str, port: int) -> None:
@@ -249,9 +278,9 @@ class Server:
 
 
 def start(spec: ServeSpec, host: str = "127.0.0.1", port: int = 8000, api_key_env: str = env.API_KEY_ENV,
-          log: Optional[Path] = None, timeout: float = 600) -> Server:
+          log: Optional[Path] = None, timeout: float = 600, vllm_options: Sequence[str] = ()) -> Server:
     """Start vLLM in its own process group and wait for /health; on failure show the log's tail."""
-    cmd, child_env = command(spec, host, port, api_key_env)
+    cmd, child_env = command(spec, host, port, api_key_env, vllm_options)
     check_port(host, port)
     log = _writable(log or spec.log)
     with open(log, "w") as fh:  # the child writes through its own copy of the descriptor
@@ -320,6 +349,8 @@ def _share(text: str) -> float:
 
 
 def add_arguments(p) -> None:
+    p.epilog = ("Options after -- go to vLLM's server as they are, after the kit's (e.g. kit serve runs/demo -- "
+                "--max-num-seqs 64); those kit serve sets itself are refused there.")
     p.add_argument("run_dirs", nargs="+", type=Path, help="run directories (runs/<name>) to serve")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--merged", action="store_true",
@@ -347,6 +378,7 @@ def add_arguments(p) -> None:
                    help="share of each GPU's memory vLLM may take (default vLLM's 0.9); lower it to share the GPU")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for /health")
     p.add_argument("--dry-run", action="store_true", help="run the preflight and print the vLLM command only")
+    p.set_defaults(vllm_options=[])  # what follows `--` on kit's command line (kit.cli splits it off)
 
 
 def run_cli(args) -> int:
@@ -356,7 +388,8 @@ def run_cli(args) -> int:
                            max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras)
     spec = dataclasses.replace(spec, tensor_parallel_size=args.tensor_parallel_size,
                                gpu_memory_utilization=args.gpu_memory_utilization)
-    launch = command(spec, args.host, args.port, args.api_key_env)  # refuses first: no notes for a refused launch
+    # refuses first: no notes for a refused launch
+    launch = command(spec, args.host, args.port, args.api_key_env, args.vllm_options)
     for note in spec.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
@@ -368,7 +401,8 @@ def run_cli(args) -> int:
         signal.signal(sig, _interrupt)
     print(f"starting vLLM: {spec.base}" + "".join(f" + {a.name}" for a in spec.adapters), file=sys.stderr)
     try:
-        server = start(spec, args.host, args.port, args.api_key_env, timeout=args.timeout)
+        server = start(spec, args.host, args.port, args.api_key_env, timeout=args.timeout,
+                       vllm_options=args.vllm_options)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -145,7 +145,8 @@ def test_one_run_as_adapter_notes_that_merged_is_faster_unless_asked_for(adapter
     code, _, err = _dry_run(capsys, adapter_run)
     notes = [line for line in err.splitlines() if "merged is faster" in line]
     assert code == 0 and len(notes) == 1
-    assert "0.90-0.93x of merged" in notes[0] and f"kit export {adapter_run} --to merged16" in notes[0]
+    assert "0.90-0.93x of merged at 1 request and 0.84-0.95x at 32" in notes[0]
+    assert f"kit export {adapter_run} --to merged16" in notes[0]
     assert f"kit serve {adapter_run} --merged" in notes[0]
     for explicit in (["--adapter"], ["--allow-runtime-adapters"]):
         assert "merged is faster" not in _dry_run(capsys, adapter_run, *explicit)[2]
@@ -195,6 +196,22 @@ def test_gpu_memory_share_reaches_vllm_and_nonsense_is_refused(adapter_run, caps
         assert e.value.code == 2
     assert "above 0 and at most 1" in capsys.readouterr().err
 
+
+
+def test_options_after_a_double_dash_reach_vllm_last_and_those_the_kit_sets_are_refused(adapter_run, capsys):
+    profiler = '{"profiler": "torch", "torch_profiler_dir": "/tmp/prof"}'
+    code = main(["serve", str(adapter_run), "--dry-run", "--", "--max-num-seqs", "64", "--profiler-config", profiler])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.rstrip().endswith(f"--max-num-seqs 64 --profiler-config '{profiler}'")  # as a shell reads it back
+    assert "--dry-run" not in out
+    code = main(["serve", str(adapter_run), "--dry-run", "--", "--port=9", "--max_loras", "2", "-tp", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--port: set by kit serve --port" in err
+    assert "--max-loras: set by kit serve --max-loras" in err and "-tp: set by kit serve --tensor-parallel-size" in err
+    code = main(["serve", str(adapter_run), "--dry-run", "--", "--api-key", "secret"])
+    assert code == 2 and "--api-key-env" in capsys.readouterr().err
 
 @pytest.mark.parametrize("avx512_or_amx", [True, False])
 def test_fp8_kv_cache_on_vllm_cpu_needs_avx512_or_amx(adapter_run, monkeypatch, capsys, avx512_or_amx):
