@@ -1,4 +1,5 @@
 """What the tests share besides fixtures (those are in conftest.py)."""
+import importlib.util
 import json
 import os
 import socket
@@ -89,3 +90,14 @@ def decided_greedy_text(model, tokenizer, messages: list[dict], max_new_tokens: 
     close = np.flatnonzero(margins <= 2 * tolerance)
     n = int(close[0]) if close.size else len(tokens)
     return tokenizer.decode(tokens[:n], skip_special_tokens=True).rstrip("\ufffd")  # a cut multi-byte char
+
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def bench_module(name: str):
+    """A script of bench/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,16 +1,14 @@
 """bench/kernel_profile.py, which docs/benchmarks.md's serving profile rests on: kernel kinds by the names
 vLLM 0.26's kernels had in an H200 trace, and busy time with two streams overlapping."""
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parent.parent / "bench"
-spec = importlib.util.spec_from_file_location("kernel_profile", BENCH / "kernel_profile.py")
-kernel_profile = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(kernel_profile)
+from tests.helpers import bench_module
+
+kernel_profile = bench_module("kernel_profile")
 
 FP8_GEMM = "void cutlass::device_kernel<vllm::cutlass_3x_gemm_sm90_fp8<cutlass::float_e4m3_t, cutlass::bfloat16_t>>"
 NORM_QUANT = ("triton_red_fused__to_copy_abs_clamp_cutlass_scaled_mm_div_fused_add_rms_norm_max_mul_reciprocal_"
