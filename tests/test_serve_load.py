@@ -29,7 +29,7 @@ def serve_load(monkeypatch):
     return module
 
 
-def test_a_round_spreads_its_requests_over_the_client_processes_and_counts_every_token(stand_in, serve_load):
+def test_a_round_from_two_client_processes_counts_every_token_and_spans_first_start_to_last_end(stand_in, serve_load):
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         rate, made = serve_load.one_round(pool, 2, stand_in, "m", 5, 16)
     assert len(made) == 5 and all(r.tokens == 16 and r.ttft is not None for r in made)
