@@ -51,6 +51,13 @@ async def one(client, model: str, tokens: int) -> Request:
     return Request(started, time.monotonic(), ttft, used)
 
 
+@dataclass
+class Round:
+    tokens_per_s: float
+    """output tokens over the span from the first request's start to the last one's end"""
+    requests: list[Request]
+
+
 def requests_in_this_process(url: str, model: str, n: int, tokens: int) -> list[Request]:
     """n simultaneous requests from one client process (a pool worker)."""
     import openai
@@ -61,14 +68,14 @@ def requests_in_this_process(url: str, model: str, n: int, tokens: int) -> list[
     return asyncio.run(go())
 
 
-def one_round(pool, clients: int, url: str, model: str, n: int, tokens: int) -> tuple[float, list[Request]]:
-    """n simultaneous requests spread over the pool's `clients` processes: (output tokens/s, the requests)."""
+def one_round(pool, clients: int, url: str, model: str, n: int, tokens: int) -> Round:
+    """n simultaneous requests spread over the pool's `clients` processes."""
     shares = [n // clients + (i < n % clients) for i in range(clients)]
     done = pool.starmap(requests_in_this_process, [(url, model, k, tokens) for k in shares if k])
     made = [r for share in done for r in share]
     if sum(r.tokens for r in made) != n * tokens:
         raise SystemExit(f"{model}: expected {n * tokens} completion tokens, got {sum(r.tokens for r in made)}")
-    return n * tokens / (max(r.ended for r in made) - min(r.started for r in made)), made
+    return Round(n * tokens / (max(r.ended for r in made) - min(r.started for r in made)), made)
 
 
 def level(pool, clients: int, url: str, model: str, n: int, tokens: int, repeats: int) -> dict:
@@ -76,9 +83,9 @@ def level(pool, clients: int, url: str, model: str, n: int, tokens: int, repeats
     one_round(pool, clients, url, model, n, tokens)
     rates, ttfts = [], []
     for _ in range(repeats):
-        rate, made = one_round(pool, clients, url, model, n, tokens)
-        rates.append(rate)
-        ttfts += [r.ttft for r in made]
+        done = one_round(pool, clients, url, model, n, tokens)
+        rates.append(done.tokens_per_s)
+        ttfts += [r.ttft for r in done.requests]
     return {"concurrency": n, "output_tokens_per_s": round(statistics.median(rates), 1),
             "output_tokens_per_s_runs": [round(r, 1) for r in rates],
             "ttft_median_s": round(statistics.median(ttfts), 4), "ttft_max_s": round(max(ttfts), 4)}
@@ -93,7 +100,7 @@ def profiled(pool, clients: int, url: str, model: str, n: int, tokens: int, trac
     before = set(trace_dir.glob("*.pt.trace.json*"))
     root = url.removesuffix("/v1")
     post(root + "/start_profile")
-    rate, _ = one_round(pool, clients, url, model, n, tokens)
+    profiled_round = one_round(pool, clients, url, model, n, tokens)
     post(root + "/stop_profile")
     for _ in range(300):
         new = sorted(set(trace_dir.glob("*.pt.trace.json*")) - before, key=lambda p: p.stat().st_mtime)
@@ -102,7 +109,7 @@ def profiled(pool, clients: int, url: str, model: str, n: int, tokens: int, trac
         time.sleep(1)
     else:
         raise SystemExit(f"{model}: no new trace in {trace_dir} after the profiled round")
-    return {"concurrency": n, "profiled_output_tokens_per_s": round(rate, 1),
+    return {"concurrency": n, "profiled_output_tokens_per_s": round(profiled_round.tokens_per_s, 1),
             **kernel_profile.summarize(new[-1], tokens)}
 
 

@@ -44,8 +44,10 @@ STOP_GRACE = 30  # seconds vLLM has to stop after SIGTERM before its whole proce
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 TP_WEIGHTS_SHARE = 0.8  # of each GPU's memory the weights may take; vLLM needs the rest for the KV cache
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's KV-cache types for Llama, CUDA and CPU
-# vLLM options that kit serve derives itself, with what sets them instead; after `--` they would contradict it
+# vLLM options that kit serve derives itself, with what sets them instead; after `--` they would contradict it.
+# command() writes no other flag (tests/test_serve_options.py holds it to that).
 KIT_SETS = {"--model": "the run directories (or --base)", "--tokenizer": "the run directories",
+            "--generation-config": "kit serve (auto: the model's own generation_config.json)",
             "--enable-lora": "the run directories (their adapters)", "--lora-modules": "the run directories and --name",
             "--api-key": "kit serve --api-key-env", "--quantization": "kit serve --fp8", "-q": "kit serve --fp8",
             "-tp": "kit serve --tensor-parallel-size",
@@ -153,7 +155,7 @@ def tuned_lora_configs() -> Optional[Path]:
     return TUNED_LORA_CONFIGS if any(TUNED_LORA_CONFIGS.glob("*.json")) else None
 
 
-def check_vllm_options(options: list[str]) -> None:
+def check_vllm_options(options: Sequence[str]) -> None:
     """Options after `--` go to vLLM as they are, except those kit serve derives itself (vLLM spells them
     with - or _, and --flag=value)."""
     clashes = []
@@ -171,7 +173,7 @@ def command(spec: ServeSpec, host: str, port: int, api_key_env: str,
             vllm_options: Sequence[str] = ()) -> tuple[list[str], dict]:
     """(vLLM's command line, its environment); the API key travels in the environment only. vllm_options
     (what followed `--`) come last."""
-    check_vllm_options(list(vllm_options))
+    check_vllm_options(vllm_options)
     key = env.api_key(api_key_env)
     if host not in LOOPBACK and not key:
         raise PreflightError(f"binding {host} exposes the server beyond this machine: set an API key in the "

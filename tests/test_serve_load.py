@@ -31,10 +31,11 @@ def serve_load(monkeypatch):
 
 def test_a_round_from_two_client_processes_counts_every_token_and_spans_first_start_to_last_end(stand_in, serve_load):
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        rate, made = serve_load.one_round(pool, 2, stand_in, "m", 5, 16)
+        done = serve_load.one_round(pool, 2, stand_in, "m", 5, 16)
+    made = done.requests
     assert len(made) == 5 and all(r.tokens == 16 and r.ttft is not None for r in made)
     span = max(r.ended for r in made) - min(r.started for r in made)
-    assert rate == pytest.approx(5 * 16 / span)
+    assert done.tokens_per_s == pytest.approx(5 * 16 / span)
     assert all(r.started <= r.started + r.ttft <= r.ended for r in made)
 
 

@@ -213,6 +213,17 @@ def test_options_after_a_double_dash_reach_vllm_last_and_those_the_kit_sets_are_
     code = main(["serve", str(adapter_run), "--dry-run", "--", "--api-key", "secret"])
     assert code == 2 and "--api-key-env" in capsys.readouterr().err
 
+
+def test_every_flag_kit_serve_writes_is_one_it_refuses_after_the_double_dash(adapter_run, monkeypatch):
+    monkeypatch.setattr(serve, "check_fp8", lambda spec, python: None)
+    monkeypatch.setattr(serve, "check_tensor_parallel", lambda spec, python: None)
+    spec = dataclasses.replace(preflight.check([adapter_run], fp8=True, kv_cache_dtype="fp8", max_model_len=64),
+                               tensor_parallel_size=2, gpu_memory_utilization=0.5)
+    cmd, _ = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")
+    written = {a for a in cmd if a.startswith("-")} - {"-m"}  # python -m vllm...
+    assert {"--quantization", "--kv-cache-dtype", "--tensor-parallel-size", "--enable-lora"} <= written
+    assert written <= set(serve.KIT_SETS)
+
 @pytest.mark.parametrize("avx512_or_amx", [True, False])
 def test_fp8_kv_cache_on_vllm_cpu_needs_avx512_or_amx(adapter_run, monkeypatch, capsys, avx512_or_amx):
     monkeypatch.setattr(serve, "cpu_fp8_kv_cache", lambda python: avx512_or_amx)
