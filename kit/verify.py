@@ -4,8 +4,10 @@ and logit differences; exit 1 when a target disagrees beyond its threshold.
 
 Token agreement: the share of the reference's greedy tokens a target reproduces before it first
 differs, averaged over prompts. Max |Δlogit|: over the prompt and the reference continuation.
-A server's answer that first differs with a token (or a stop) that the reference scored within TIE_NATS of its
-own parts at a near-tie (rounding decides those; the answers then part ways) and counts as agreeing in the verdict.
+A server's answer is read as the token ids it generated (vLLM returns them, and the prompt as it rendered
+it, when asked with return_token_ids), else as its text re-encoded. One that first differs with a token (or a
+stop) that the reference scored within TIE_NATS of its own parts at a near-tie (rounding decides those; the
+answers then part ways) and counts as agreeing in the verdict.
 
 A served adapter must also change something: its row "server:NAME vs base" is the share of prompts whose
 answer the adapter changes locally (base + adapter against the base alone) where the server's answer with
@@ -186,24 +188,28 @@ def _server(url, model_name, tok, prompts, refs: list[Reference], bases: list[Re
         raise ServerError(f"{api.url} serves no model named {model_name}; it serves: {', '.join(served)}.")
     client = openai.OpenAI(base_url=api.url, api_key=api.key or "none")
 
-    def answer(model: str, prompt: str):
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                           temperature=0, max_tokens=max_new)
-        return tok.encode(r.choices[0].message.content, add_special_tokens=False), r.choices[0].finish_reason
+    def answer(model: str, prompt: str) -> Answer:
+        return served_answer(client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=max_new,
+            extra_body={"return_token_ids": True}), tok)
 
-    agrees, ties, stops, got = [], [], [], []
+    agrees, ties, stops, got, rendered = [], [], [], [], []
     for p, ref in zip(prompts, refs):
-        tokens, finish = answer(model_name, p)
-        agree, tie = _tie_aware(ref, tokens)
+        a = answer(model_name, p)
+        agree, tie = _tie_aware(ref, a.tokens)
         agrees.append(agree)
         ties.append(tie)
-        stops.append(finish == "stop" or ref.continuation[-1] not in STOP_TOKEN_IDS or tie)  # a tie may run on
-        got.append(tokens)
+        stops.append(a.stopped or ref.continuation[-1] not in STOP_TOKEN_IDS or tie)  # a tie may run on
+        got.append(a.tokens)
+        rendered.append((a.prompt, ref.ids))
     result = _judge(f"server:{model_name}", agrees, [], stops, ties)
+    template = _template_problem(rendered)
     base = served[model_name].get("parent")
     if base is None:  # a base or merged model: no adapter to tell apart
+        if not result.passed:
+            result.problem = template
         return [result]
-    served_base = [answer(base, p)[0] for p in prompts]
+    served_base = [answer(base, p).tokens for p in prompts]
     changed = [i for i, (r, b) in enumerate(zip(refs, bases)) if _text(r.continuation) != _text(b.continuation)]
     share = sum(got[i] != served_base[i] for i in changed) / len(changed) if changed else 0.0
     effect = Result(f"server:{model_name} vs base", share, None, None,
@@ -211,8 +217,43 @@ def _server(url, model_name, tok, prompts, refs: list[Reference], bases: list[Re
     base_agreement = sum(1.0 if tie else a for a, tie in map(_tie_aware, bases, served_base)) / len(refs)
     for r in (result, effect):
         if not r.passed:
-            r.problem = _cause(model_name, base, bool(changed), base_agreement, share)
+            r.problem = template or _cause(model_name, base, bool(changed), base_agreement, share,
+                                           all(served is not None for served, _ in rendered))
     return [result, effect]
+
+
+@dataclass
+class Answer:
+    """A server's greedy answer to one prompt."""
+    tokens: list[int]
+    """Its tokens, without a stop token: the server's own ids where it returns them (vLLM does, asked with
+    return_token_ids), else its text re-encoded, which can cut the text into other tokens than the model chose
+    (a random or undertrained model's runs of spaces, for one) and so part from the reference where it did not."""
+    stopped: bool
+    """It ended at a stop token, not at max_tokens."""
+    prompt: Optional[list[int]]
+    """The prompt's ids as the server rendered its chat template (vLLM), None where the server does not say."""
+
+
+def served_answer(response, tok) -> Answer:
+    """An OpenAI chat completion as an Answer (vLLM's token ids are extra fields of the response)."""
+    choice = response.choices[0]
+    ids = getattr(choice, "token_ids", None)
+    tokens = _text(ids) if ids is not None else tok.encode(choice.message.content or "", add_special_tokens=False)
+    return Answer(tokens, choice.finish_reason == "stop", getattr(response, "prompt_token_ids", None))
+
+
+def _template_problem(rendered: list[tuple[Optional[list[int]], list[int]]]) -> Optional[str]:
+    """The cause, when the server rendered a prompt (its ids, local ids) otherwise than training's template."""
+    for served, local in rendered:
+        if served is not None and served != local:
+            n = matched(local, served)
+            return (f"the server renders the chat prompt otherwise than training: its prompt ids part from the "
+                    f"trained template's at token {n} of {len(local)} (server {served[n:n + 4]}, trained "
+                    f"{local[n:n + 4]}). It serves another chat template; kit serve passes the adapter's tokenizer, "
+                    "with the template trained on: serve it with kit serve RUN_DIR, or pass that template to your "
+                    "server.")
+    return None
 
 
 def _text(continuation: list[int]) -> list[int]:
@@ -220,13 +261,19 @@ def _text(continuation: list[int]) -> list[int]:
     return [t for t in continuation if t not in STOP_TOKEN_IDS]
 
 
-def _cause(name: str, base: str, changes_locally: bool, base_agreement: float, share: float) -> str:
-    """The likely cause of a served adapter that disagrees with base + adapter, or changes nothing."""
+def _cause(name: str, base: str, changes_locally: bool, base_agreement: float, share: float,
+           template_checked: bool) -> str:
+    """The likely cause of a served adapter that disagrees with base + adapter, or changes nothing;
+    template_checked: the server rendered every prompt as training did (else _template_problem names that)."""
     if not changes_locally:
         return ("the adapter changes none of these answers, even locally (base + adapter answers as the base alone): "
                 "its lora_B weights are zero or nearly so, i.e. untrained (LoRA starts with lora_B = 0). Check the "
                 "run's loss (metrics.jsonl) and that adapter/ was saved after training.")
     if base_agreement < THRESHOLDS["server"][0]:
+        if template_checked:
+            return (f"the server's base model ({base}) answers unlike the local base, on prompts it rendered as "
+                    "training did: it is another base than the one the adapter was trained on. Serve it with: "
+                    "kit serve RUN_DIR.")
         return (f"the server's base model ({base}) answers unlike the local base: it is another base than the one "
                 "the adapter was trained on, or the server renders another chat template than training (kit serve "
                 "passes the adapter's tokenizer, with the template trained on). Serve it with: kit serve RUN_DIR.")

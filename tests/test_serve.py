@@ -91,6 +91,22 @@ def test_verify_compares_the_server_with_base_plus_adapter(server, demo_run):
     assert srv.agreement == 1.0 and srv.stopped and srv.passed
 
 
+def test_the_server_says_its_tokens_and_renders_the_trained_template(client, demo_run):
+    """What kit verify reads from vLLM: the answer's own token ids and the prompt as the server rendered it."""
+    from transformers import AutoTokenizer
+
+    from kit.rundir import read_adapter
+    from kit.verify import prompt_ids, served_answer
+    tok = AutoTokenizer.from_pretrained(str(read_adapter(demo_run[0]).path))
+    row = train_rows(demo_run[0])[0]
+    r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": question(row)}],
+                                       temperature=0, max_tokens=48, extra_body={"return_token_ids": True})
+    served = served_answer(r, tok)
+    assert served.prompt == prompt_ids(tok, question(row))
+    assert served.stopped and tok.decode(served.tokens) == row["output"]
+    assert r.choices[0].token_ids[len(served.tokens):] == [tok.convert_tokens_to_ids("<|eot_id|>")]
+
+
 def test_adapters_load_needs_a_server_started_with_runtime_adapters(server, demo_run, capsys):
     from kit.cli import main
     assert main(["adapters", "load", server[0].url + "/v1", str(demo_run[0]), "--name", "again"]) == 2

@@ -424,3 +424,59 @@ def test_verify_judges_stopping_early_or_late_at_a_near_tie_of_the_stop_token():
     early.logits[2, 40] = -9.0
     early.logits[2, ends.continuation[-1]] = 5.0 - TIE_NATS / 2  # <|eot_id|> the runner-up at step 1
     assert _tie_aware(early, [10]) == (1 / 3, True)             # stopped at the near-tie
+
+
+def _completion(text: str, **vllm_fields):
+    """A chat completion as the OpenAI client parses it; vllm_fields: the extras vLLM adds with return_token_ids."""
+    from openai.types.chat import ChatCompletion
+    choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+    if "token_ids" in vllm_fields:
+        choice["token_ids"] = vllm_fields.pop("token_ids")
+    return ChatCompletion.model_validate({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                                          "choices": [choice], **vllm_fields})
+
+
+def test_verify_compares_the_tokens_the_server_chose_not_its_text_cut_again(tokenizer):
+    """Two single spaces and 하기, as a random-weight model picks them, read back as text re-encode to other tokens
+    (one space, then 하기 with its space): compared so, the server seemed to part from the reference where the
+    reference was sure (as on the H200, 4% agreement). vLLM's own token ids keep what the model chose."""
+    import numpy as np
+
+    from kit.llama import STOP_TOKEN_IDS
+    from kit.verify import Reference, _tie_aware, served_answer
+    chosen, eot = [220, 220, 67525], STOP_TOKEN_IDS[0]
+    text = tokenizer.decode(chosen)
+    logits = np.zeros((2 + 4, max(STOP_TOKEN_IDS) + 1), dtype=np.float32)
+    for i, token in enumerate([*chosen, eot]):
+        logits[1 + i, token] = 5.0  # decided, no near-tie anywhere
+    ref = Reference([1, 2], [*chosen, eot], logits)
+
+    served = served_answer(_completion(text, token_ids=[*chosen, eot], prompt_token_ids=[1, 2]), tokenizer)
+    assert served.tokens == chosen and served.stopped and served.prompt == [1, 2]
+    assert _tie_aware(ref, served.tokens) == (1.0, False)
+
+    re_encoded = served_answer(_completion(text), tokenizer)  # a server that returns text only
+    assert tokenizer.decode(re_encoded.tokens) == text and re_encoded.tokens != chosen and re_encoded.prompt is None
+    assert _tie_aware(ref, re_encoded.tokens) == (1 / 3, False)
+
+
+def test_verify_names_a_chat_template_the_server_renders_otherwise():
+    from kit.verify import _template_problem
+    assert _template_problem([([1, 2, 3], [1, 2, 3]), (None, [7, 8])]) is None  # the same, or not said
+    problem = _template_problem([([1, 2, 3], [1, 2, 3]), ([1, 2, 9, 9, 9], [1, 2, 3, 4])])
+    assert "at token 2 of 4" in problem and "server [9, 9, 9]" in problem and "trained [3, 4]" in problem
+    assert "kit serve RUN_DIR" in problem
+
+
+@pytest.mark.parametrize("changes, base_agreement, share, checked, expected, not_expected", [
+    (False, 1.0, 0.0, True, "changes none of these answers", None),
+    (True, 0.2, 1.0, True, "on prompts it rendered as training did: it is another base", "chat template"),
+    (True, 0.2, 1.0, False, "or the server renders another chat template", "rendered as training did"),
+    (True, 1.0, 0.0, True, "did not apply the adapter's weights", None),
+    (True, 1.0, 1.0, True, "applied otherwise than by PEFT", None),
+])
+def test_verify_names_the_likely_cause_of_a_served_adapter_that_disagrees(changes, base_agreement, share, checked,
+                                                                          expected, not_expected):
+    from kit.verify import _cause
+    cause = _cause("ko", "meta-llama/Llama-3.1-8B-Instruct", changes, base_agreement, share, checked)
+    assert expected in cause and (not_expected is None or not_expected not in cause)
