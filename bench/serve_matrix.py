@@ -147,6 +147,7 @@ def main() -> int:
     ap.add_argument("--greedy", type=int, default=16)
     ap.add_argument("--greedy-tokens", type=int, default=48)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per concurrency level (median reported)")
     ap.add_argument("--all-models", action="store_true", help="load the server's base too, not only its adapter")
     ap.add_argument("--timeout", type=float, default=480, help="seconds each server may take to become healthy")
     ap.add_argument("--profile", action="store_true", help="vLLM's torch profiler: one profiled round per level")
@@ -168,7 +169,8 @@ def main() -> int:
                 label = v.label if other == model else f"{v.label}-base"
                 profiled = ["--profile-dir", str(profile_dir(v, args.out))] if args.profile else []
                 subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--url", v.url, "--model", other,
-                                "--label", label, "--concurrency", *map(str, args.concurrency), *profiled],
+                                "--label", label, "--concurrency", *map(str, args.concurrency),
+                                "--repeats", str(args.repeats), *profiled],
                                check=False)
             if args.questions:
                 answers = greedy(v, model, questions_of(args.questions, args.greedy), args.greedy_tokens)
