@@ -4,8 +4,8 @@ streamed chat requests, each generating exactly --tokens tokens (ignore_eos), gr
     python bench/serve_load.py --url http://127.0.0.1:8000/v1 --model NAME --label adapter --concurrency 1 32
 
 The requests of a round are spread over --clients processes: one Python process reading streamed chunks with
-the OpenAI client saturates its core at a few thousand chunks a second (3,700 tokens/s on a 2-core CI-class
-machine against a stand-in server that costs nothing), below what vLLM serves at 32 requests on one GPU.
+the OpenAI client can fill its core before the server is busy (on a 2-core machine, against
+bench/stand_in_server.py; not on the 16-core GPU machine at 32 requests: docs/benchmarks.md has both).
 
 Prints one JSON line per concurrency level. With --profile-dir (the torch_profiler_dir of a server started with
 vLLM's --profiler-config), one more round per level runs under vLLM's profiler, and bench/kernel_profile.py's

@@ -193,17 +193,16 @@ def _server(url, model_name, tok, prompts, refs: list[Reference], bases: list[Re
             model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=max_new,
             extra_body={"return_token_ids": True}), tok)
 
-    agrees, ties, stops, got, rendered = [], [], [], [], []
+    agrees, ties, stops, answers = [], [], [], []
     for p, ref in zip(prompts, refs):
         a = answer(model_name, p)
         agree, tie = _tie_aware(ref, a.tokens)
         agrees.append(agree)
         ties.append(tie)
         stops.append(a.stopped or ref.continuation[-1] not in STOP_TOKEN_IDS or tie)  # a tie may run on
-        got.append(a.tokens)
-        rendered.append((a.prompt, ref.ids))
+        answers.append(a)
     result = _judge(f"server:{model_name}", agrees, [], stops, ties)
-    template = _template_problem(rendered)
+    template = _template_problem(answers, refs)
     base = served[model_name].get("parent")
     if base is None:  # a base or merged model: no adapter to tell apart
         if not result.passed:
@@ -211,14 +210,14 @@ def _server(url, model_name, tok, prompts, refs: list[Reference], bases: list[Re
         return [result]
     served_base = [answer(base, p).tokens for p in prompts]
     changed = [i for i, (r, b) in enumerate(zip(refs, bases)) if _text(r.continuation) != _text(b.continuation)]
-    share = sum(got[i] != served_base[i] for i in changed) / len(changed) if changed else 0.0
+    share = sum(answers[i].tokens != served_base[i] for i in changed) / len(changed) if changed else 0.0
     effect = Result(f"server:{model_name} vs base", share, None, None,
                     bool(changed) and share >= THRESHOLDS["adapter effect"][0], "adapter effect")
     base_agreement = sum(1.0 if tie else a for a, tie in map(_tie_aware, bases, served_base)) / len(refs)
     for r in (result, effect):
         if not r.passed:
             r.problem = template or _cause(model_name, base, bool(changed), base_agreement, share,
-                                           all(served is not None for served, _ in rendered))
+                                           all(a.prompt is not None for a in answers))
     return [result, effect]
 
 
@@ -243,9 +242,9 @@ def served_answer(response, tok) -> Answer:
     return Answer(tokens, choice.finish_reason == "stop", getattr(response, "prompt_token_ids", None))
 
 
-def _template_problem(rendered: list[tuple[Optional[list[int]], list[int]]]) -> Optional[str]:
-    """The cause, when the server rendered a prompt (its ids, local ids) otherwise than training's template."""
-    for served, local in rendered:
+def _template_problem(answers: list[Answer], refs: list[Reference]) -> Optional[str]:
+    """The cause, when the server rendered a prompt otherwise than training's template (the reference's ids)."""
+    for served, local in ((a.prompt, r.ids) for a, r in zip(answers, refs)):
         if served is not None and served != local:
             n = matched(local, served)
             return (f"the server renders the chat prompt otherwise than training: its prompt ids part from the "

@@ -103,7 +103,7 @@ def test_the_server_says_its_tokens_and_renders_the_trained_template(client, dem
                                        temperature=0, max_tokens=48, extra_body={"return_token_ids": True})
     served = served_answer(r, tok)
     assert served.prompt == prompt_ids(tok, question(row))
-    assert served.stopped and tok.decode(served.tokens) == row["output"]
+    assert served.stopped and tok.decode(served.tokens) == r.choices[0].message.content == row["output"]
     assert r.choices[0].token_ids[len(served.tokens):] == [tok.convert_tokens_to_ids("<|eot_id|>")]
 
 

@@ -460,10 +460,16 @@ def test_verify_compares_the_tokens_the_server_chose_not_its_text_cut_again(toke
     assert _tie_aware(ref, re_encoded.tokens) == (1 / 3, False)
 
 
+def _rendered(*pairs):
+    """(served prompt ids, trained prompt ids) pairs as the answers and references kit verify holds."""
+    from kit.verify import Answer, Reference
+    return [Answer([], True, served) for served, _ in pairs], [Reference(local, [], None) for _, local in pairs]
+
+
 def test_verify_names_a_chat_template_the_server_renders_otherwise():
     from kit.verify import _template_problem
-    assert _template_problem([([1, 2, 3], [1, 2, 3]), (None, [7, 8])]) is None  # the same, or not said
-    problem = _template_problem([([1, 2, 3], [1, 2, 3]), ([1, 2, 9, 9, 9], [1, 2, 3, 4])])
+    assert _template_problem(*_rendered(([1, 2, 3], [1, 2, 3]), (None, [7, 8]))) is None  # the same, or not said
+    problem = _template_problem(*_rendered(([1, 2, 3], [1, 2, 3]), ([1, 2, 9, 9, 9], [1, 2, 3, 4])))
     assert "at token 2 of 4" in problem and "server [9, 9, 9]" in problem and "trained [3, 4]" in problem
     assert "kit serve RUN_DIR" in problem
 
