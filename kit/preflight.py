@@ -121,7 +121,7 @@ def check(run_dirs: list[Path], merged: bool = False, base: Optional[str] = None
                      "long as the training examples will be refused.")
     if len(runs) == 1 and not (adapter_form or runtime_adapters):
         notes.append(f"one fine-tune is served as base + adapter; merged is faster (the adapter decoded at 0.90-0.93x "
-                     "of merged at 1 request and 0.88x at 32 on an H200, docs/benchmarks.md): kit export "
+                     "of merged at 1 request and 0.87-0.88x at 32 on an H200, docs/benchmarks.md): kit export "
                      f"{runs[0].path} --to merged16, then kit serve {runs[0].path} --merged. --adapter keeps this form "
                      "without this note.")
     if fp8:
