@@ -41,7 +41,7 @@ def make_data(out: Path, rows: int, seed: int = 0) -> dict:
     tok = load_tokenizer("bundled")
     sample = [json.loads(line) for line in SAMPLE_FILE.read_text(encoding="utf-8").splitlines()]
     rng = random.Random(seed)
-    overhead = len(tok(render([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}])[0],
+    overhead = len(tok(render(tok, [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]),
                        add_special_tokens=False)["input_ids"])
     lengths = []
     with open(out, "w", encoding="utf-8") as f:
@@ -55,7 +55,7 @@ def make_data(out: Path, rows: int, seed: int = 0) -> dict:
             answer = tok.decode(ids[:need])
             f.write(json.dumps({"instruction": q, "input": "", "output": answer}, ensure_ascii=False) + "\n")
             msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
-            lengths.append(len(tok(render(msgs)[0], add_special_tokens=False)["input_ids"]))
+            lengths.append(len(tok(render(tok, msgs), add_special_tokens=False)["input_ids"]))
     lengths.sort()
     return {"rows": rows, "median": lengths[len(lengths) // 2], "mean": round(statistics.mean(lengths)),
             "p95": lengths[int(0.95 * len(lengths))], "max": lengths[-1]}

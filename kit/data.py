@@ -1,7 +1,8 @@
 """Data as small pure steps: load -> format -> chat template -> tokenize/mask -> (mix sources) -> (pack, by TRL).
 
-Every row becomes a list of chat messages; every message list becomes input_ids and labels in
-Llama 3.1's format, with -100 on everything but the assistant's answers (and their <|eot_id|>).
+Every row becomes a list of chat messages; every message list becomes input_ids and labels in the
+tokenizer's chat format (kit.template), with -100 on everything but the assistant's answers (and the token
+that ends each of them).
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from kit import env
 from kit.errors import DataError
-from kit.llama import EOT
-from kit.template import render
+from kit.template import chat_format, content_pieces, layout
 
 if TYPE_CHECKING:  # kit.config imports this module (data.fields are checked against FIELD_NAMES)
     from datasets import Dataset
@@ -401,13 +401,16 @@ def _chat_messages(turns, where: str, numbers: Optional[list[str]]) -> list[dict
 
 # ---------------------------------------------------------------- tokenize / mask
 
-def tokenize(messages: list[dict], tokenizer, max_len: int, responses_only: bool) -> dict:
-    """input_ids and labels; labels are -100 outside assistant answers when responses_only.
+def tokenize(messages: list[dict], tokenizer, max_len: int, responses_only: bool,
+             end_of_turn: Optional[str] = None) -> dict:
+    """input_ids and labels; labels are -100 outside assistant answers (through their end-of-turn token,
+    `end_of_turn`: the tokenizer's chat format's) when responses_only.
     `overlong` is the untruncated length when it exceeded max_len (else 0); `literal` says that a message
     held control-token text (e.g. '<|eot_id|>'), which is tokenized as the plain text it is."""
-    text, spans = render(messages)
+    end_of_turn = end_of_turn or chat_format(tokenizer).end_of_turn
+    text, spans = layout(tokenizer, messages, end_of_turn)
     literal = any(_control_tokens(tokenizer).search(m["content"]) for m in messages)
-    pieces = _pieces(messages, len(text)) if literal else [(0, len(text), False)]
+    pieces = (content_pieces(tokenizer, messages, text) if literal else None) or [(0, len(text), False)]
     ids, offsets = [], []
     for start, end, content in pieces:
         enc = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True,
@@ -418,7 +421,7 @@ def tokenize(messages: list[dict], tokenizer, max_len: int, responses_only: bool
         labels = [t if any(s <= a and b <= e for s, e in spans) else -100 for t, (a, b) in zip(ids, offsets)]
     else:
         labels = list(ids)
-        labels[0] = -100  # nothing predicts <|begin_of_text|>
+        labels[0] = -100  # nothing predicts the first token
     overlong = len(ids) if len(ids) > max_len else 0
     return {"input_ids": ids[:max_len], "labels": labels[:max_len], "overlong": overlong, "literal": literal}
 
@@ -430,18 +433,6 @@ def _control_tokens(tokenizer) -> re.Pattern:
 @functools.lru_cache(maxsize=4)
 def _alternatives(texts: tuple[str, ...]) -> re.Pattern:
     return re.compile("|".join(map(re.escape, texts)))
-
-
-def _pieces(messages: list[dict], length: int) -> list[tuple[int, int, bool]]:
-    """render()'s text as (start, end, is message content) pieces. Every message renders as its header, its
-    stripped content and <|eot_id|>, and the text of the first k messages is a prefix of the whole."""
-    pieces, pos = [], 0
-    for k, m in enumerate(messages, 1):
-        end = len(render(messages[:k])[0]) - len(EOT)
-        start = end - len(m["content"].strip())
-        pieces += [(pos, start, False), (start, end, True)]
-        pos = end
-    return [p for p in pieces + [(pos, length, False)] if p[0] < p[1]]
 
 
 @dataclass
@@ -470,12 +461,13 @@ def prepare(ds, tokenizer, *, fmt: str, fields: dict, system_prompt, max_len: in
     if fmt in ("koalpaca", "alpaca") and fields.get("instruction", "instruction") not in columns:
         raise DataError(f"{source}: format {fmt} needs an instruction column; columns are {columns}.")
     h = hashlib.sha256()
+    end_of_turn = chat_format(tokenizer).end_of_turn
     out, truncated, dropped_long, dropped_masked, literal, numbers = [], 0, [], [], [], []
     for i, row in enumerate(ds):
         where = row.get(WHERE) or f"{source}, row {i + 1}"
         msgs = to_messages(row, fmt, fields, system_prompt, where, numbers, fields_key)
         h.update(json.dumps(msgs, ensure_ascii=False, sort_keys=True).encode())
-        ex = tokenize(msgs, tokenizer, max_len, responses_only)
+        ex = tokenize(msgs, tokenizer, max_len, responses_only, end_of_turn)
         if ex.pop("literal"):
             literal.append(where)
         if ex.pop("overlong"):
@@ -548,9 +540,9 @@ def load_data(cfg: Config, tokenizer) -> TrainingData:
             log.warning(f"{name}: {len(p.numbers_as_text)} number(s) where text is expected, used as text: "
                         f"{_few(p.numbers_as_text)}")
         if p.control_text:
-            log.warning(f"{name}: {len(p.control_text)} example(s) hold Llama 3.1 control-token text such as "
-                        f"'<|eot_id|>' in a message: trained as plain text, not as control tokens. Remove it if it is "
-                        f"not meant to be there: {_few(p.control_text)}")
+            log.warning(f"{name}: {len(p.control_text)} example(s) hold control-token text of the chat format "
+                        "(such as '<|eot_id|>') in a message: trained as plain text, not as control tokens. Remove it "
+                        f"if it is not meant to be there: {_few(p.control_text)}")
     return data
 
 

@@ -26,6 +26,13 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
 
 
+def hf_home() -> Path:
+    """HF_HOME: the folder of Hugging Face's caches, as huggingface_hub reads it ($XDG_CACHE_HOME/huggingface or
+    ~/.cache/huggingface without it)."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(os.path.expandvars(os.path.expanduser(os.environ.get("HF_HOME") or default)))
+
+
 def debug() -> bool:
     """KIT_DEBUG=1: the commands print the traceback of an error too."""
     return os.environ.get("KIT_DEBUG", "") not in ("", "0")

@@ -6,15 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from kit.llama import EOT, header
-
-ASSISTANT, USER = header("assistant"), header("user")
+from kit.template import chat_format, turn_marks
 
 
 @dataclass(frozen=True)
 class HeldOut:
     prompt: str
-    """The conversation as trained, up to and including the header of its last assistant turn."""
+    """The conversation as trained, up to and including the opening of its last answer."""
     question: str
     """The last user turn (empty for a text-only example)."""
     reference: str
@@ -22,17 +20,19 @@ class HeldOut:
 
 
 def held_out(dataset, tokenizer, limit: Optional[int] = None) -> list[HeldOut]:
-    """The first `limit` (all: None) examples of a tokenized split that reach their last answer's header."""
+    """The first `limit` (all: None) examples of a tokenized split that reach their last answer's opening."""
+    end = chat_format(tokenizer).end_of_turn
+    user, answer = turn_marks(tokenizer, end)
     out: list[HeldOut] = []
     for ids in dataset["input_ids"]:
         if limit is not None and len(out) >= limit:
             break
         text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        at = text.rfind(ASSISTANT)
+        at = text.rfind(answer)
         if at < 0:  # truncated before its answer
             continue
-        prompt = text[:at + len(ASSISTANT)]
-        user = prompt.rfind(USER)
-        question = prompt[user + len(USER):].split(EOT)[0] if user >= 0 else ""
-        out.append(HeldOut(prompt, question, text[at + len(ASSISTANT):].split(EOT)[0]))
+        prompt = text[:at + len(answer)]
+        asked = prompt.rfind(user, 0, at)
+        question = prompt[asked + len(user):at].split(end)[0] if asked >= 0 else ""
+        out.append(HeldOut(prompt, question, text[at + len(answer):].split(end)[0]))
     return out

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from kit import env
 from kit.errors import ConfigError
+from kit.gguf_source import is_gguf_source
 
 if TYPE_CHECKING:
     from kit.config import Config
@@ -81,8 +82,9 @@ def check_model(name: str, setting: str, revision: Optional[str] = None) -> None
 
 
 def check_models(cfg: Config) -> None:
-    """The models a recipe loads: model.name (not for a random-weight model) and model.tokenizer."""
-    if cfg.model.random_shape is None:
+    """The models a recipe loads: model.name (not for a random-weight model or a GGUF file, which
+    kit.gguf_source checks) and model.tokenizer."""
+    if cfg.model.random_shape is None and not is_gguf_source(cfg.model.name):
         check_model(cfg.model.name, "model.name", cfg.model.revision)
     if cfg.model.tokenizer:
         check_model(cfg.model.tokenizer, "model.tokenizer", cfg.model.revision)

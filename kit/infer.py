@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kit.llama import STOP_TOKEN_IDS
 from kit.rundir import read_adapter
+from kit.template import chat_format
 
 
 def load_adapter_model(run_dir: Path, dtype: str = "float32"):
@@ -41,10 +41,12 @@ def generate(model, tokenizer, messages: list[dict], max_new_tokens: int = 64) -
 
 
 def continuation(model, tokenizer, ids, max_new_tokens: int) -> str:
-    """The greedy continuation of the token ids `ids` (a 1 x n tensor), up to a stop token, as text."""
+    """The greedy continuation of the token ids `ids` (a 1 x n tensor), up to a stop token of the tokenizer's
+    chat format, as text."""
     import torch
+    stops = list(chat_format(tokenizer).stop_ids)
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=STOP_TOKEN_IDS,
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                              pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

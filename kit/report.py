@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from kit.config import Config
     from kit.data import TrainingData
     from kit.plan import Plan
+    from kit.template import ChatFormat
     from kit.train import Trained
 
 PACKAGES = ["kit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth", "unsloth_zoo",
@@ -56,10 +57,12 @@ def git_commit() -> Optional[str]:
     return env.image_commit()
 
 
-def manifest(cfg: Config, backend: Backend, data: TrainingData, plan: Plan, base: str) -> dict:
+def manifest(cfg: Config, backend: Backend, data: TrainingData, plan: Plan, base: str, chat: ChatFormat) -> dict:
     """manifest.json as training starts; the result is added when it ends."""
     return {
-        "command": command_line(), "base_model": base, "model_name": cfg.model.name, "backend": backend.name,
+        "command": command_line(), "base_model": base, "model_name": cfg.model.name,
+        "chat_format": {"family": chat.family, "template": chat.describe(), "end_of_turn": chat.end_of_turn,
+                        "stops": chat.stops}, "backend": backend.name,
         "precision": backend.precision, "device": backend.device.name, "seed": cfg.train.seed,
         "dataset": {"path": dataclasses.asdict(cfg.data)["path"], "fingerprint": data.train.fingerprint,
                     "examples": len(data.train.dataset), "eval_examples": len(data.eval.dataset) if data.eval else 0,
@@ -73,6 +76,8 @@ class Result:
     """The run's figures: manifest.json's "result" and the summary's rows."""
     run_dir: str
     model: str
+    chat_format: str
+    """The chat family and template trained (kit.template.ChatFormat.describe)."""
     backend: str
     precision: str
     load_in_4bit: bool
@@ -101,7 +106,8 @@ class Result:
     loss_png: str
 
 
-def finish(cfg: Config, run: RunDir, backend: Backend, plan: Plan, trained: Trained, adapter: Path) -> Result:
+def finish(cfg: Config, run: RunDir, backend: Backend, plan: Plan, trained: Trained, adapter: Path,
+           chat: ChatFormat) -> Result:
     """Draw loss.png from the run's metrics and gather the run's result."""
     metrics = read_metrics(run.metrics)
     plot_losses(metrics, run.loss_png, f"{cfg.run.name}: {cfg.model.name}")
@@ -112,7 +118,8 @@ def finish(cfg: Config, run: RunDir, backend: Backend, plan: Plan, trained: Trai
         f"{how.batch} x {how.grad_accum} {how.sampling}{', padding-free' if how.padding_free else ''}; "
         f"gradient checkpointing {'on' if how.checkpointing else 'off'}")
     return Result(
-        run_dir=str(run.path), model=cfg.model.name, backend=backend.name, precision=backend.precision,
+        run_dir=str(run.path), model=cfg.model.name, chat_format=f"{chat.family}: {chat.describe()}",
+        backend=backend.name, precision=backend.precision,
         load_in_4bit=cfg.model.load_in_4bit, r=cfg.lora.r, device=backend.device.name, devices=plan.devices,
         steps=trained.steps, total_steps=plan.total_steps, stopped_early=trained.steps < plan.total_steps,
         seconds=trained.seconds,
@@ -155,6 +162,7 @@ def summary(r: Result) -> str:
         ("run", r.run_dir),
         ("model", f"{r.model} ({r.backend}, {r.precision}, {'QLoRA 4-bit' if r.load_in_4bit else 'LoRA 16-bit'}, "
                   f"r={r.r})"),
+        ("chat format", r.chat_format),
         ("device", r.device if r.devices == 1 else f"{r.devices} x {r.device} (DDP)"),
         ("steps", f"{r.steps:,} of {r.total_steps:,}" + ("  (stopped early)" if r.stopped_early else "")),
         ("time", _duration(r.seconds)),

@@ -1,59 +1,167 @@
-"""Llama 3.1's chat format: the Jinja template the kit installs in every tokenizer it saves, and the
-same rendering in Python with the character spans the loss is computed on.
-
-Format (Meta's Llama 3.1 prompt format; tools are not supported by the kit):
-  <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n
-  Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system}<|eot_id|>
-  <|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>
-  <|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>
+"""The chat format of a run: its family's template (kit.families) installed in the tokenizer, or the
+tokenizer's own template where the kit does not know it, and the rendering that training, evaluation and
+serving share. Masking needs where each answer lies in the rendered text; it is read off the template
+itself (the conversation up to an answer's generation prompt is a prefix of the conversation with it), so
+every template, known or not, is trained as it is served.
 """
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from importlib import resources
 from typing import Optional
 
 from kit import env
-from kit.llama import BOS, BOS_ID, EOT, PAD, PAD_ID, STOP_TOKEN_IDS, SYSTEM_PREAMBLE, VOCAB_SIZE, header
+from kit.errors import ConfigError
+from kit.families import CUSTOM, FAMILIES, LLAMA3, by_template, by_vocabulary
+from kit.llama import VOCAB_SIZE
+
+log = logging.getLogger("kit")
+CHOICES = ("auto", *FAMILIES, "tokenizer")  # model.chat_template
+LLAMA31_CHAT_TEMPLATE = LLAMA3.template
+# stand-ins for message contents while the template is rendered: private-use characters no tokenizer merges
+_HOLE = "\ue000{}\ue001"
 
 
-def _jinja(text: str) -> str:
-    return "'" + text.replace("\n", "\\n") + "'"
+@dataclass(frozen=True)
+class ChatFormat:
+    """What a tokenizer's chat format means for training and generation."""
+    family: str
+    """A kit.families name, or 'custom': the tokenizer's own template."""
+    template: str
+    end_of_turn: str
+    """The last token of every trained answer."""
+    stop_ids: tuple[int, ...]
+    """Generation ends at any of these."""
+
+    @property
+    def stops(self) -> list[str]:
+        fam = FAMILIES.get(self.family)
+        return [self.end_of_turn] if fam is None else list(fam.stops)
+
+    def describe(self) -> str:
+        fam = FAMILIES.get(self.family)
+        return f"{fam.title} (the kit's template)" if fam else "the tokenizer's own (a family the kit does not know)"
 
 
-LLAMA31_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- if messages and messages[0]['role'] == 'system' %}"
-    "{%- set system_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}"
-    "{%- else %}{%- set system_message = '' %}{%- endif %}"
-    "{{- " + _jinja(header("system")) + " }}"
-    "{{- " + _jinja(SYSTEM_PREAMBLE) + " }}"
-    "{{- system_message }}{{- " + _jinja(EOT) + " }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + "
-    + _jinja(EOT) + " }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- " + _jinja(header("assistant")) + " }}{%- endif %}"
-)
+def chat_format(tokenizer) -> ChatFormat:
+    """The format of a tokenizer the kit prepared (load_tokenizer) or saved (a run's adapter/)."""
+    template = tokenizer.chat_template or ""
+    fam = next((f for f in FAMILIES.values() if f.template == template), None)
+    vocab = tokenizer.get_vocab()
+    end = fam.end_of_turn if fam else tokenizer.eos_token
+    stops = fam.stops if fam else (end,)
+    return ChatFormat(fam.name if fam else CUSTOM, template, end,
+                      tuple(vocab[t] for t in dict.fromkeys(stops) if t in vocab))
 
 
-def render(messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """The template's text, plus the (start, end) character spans of assistant answers with their
-    <|eot_id|>: the only characters whose tokens are trained when training on responses only."""
-    system = ""
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"].strip(), messages[1:]
-    text = BOS + header("system") + SYSTEM_PREAMBLE + system + EOT
+def install(tokenizer, setting: str = "auto", source: str = "the model") -> ChatFormat:
+    """Give `tokenizer` its chat format: `setting` is model.chat_template (auto: the family its own template or
+    vocabulary shows). Sets the template, eos (the end of a turn), bos and a pad token the vocabulary has."""
+    own = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    vocab = tokenizer.get_vocab()
+    found = by_template(own) if own else by_vocabulary(vocab)
+    if setting == "tokenizer" or (setting == "auto" and own and found is None):
+        if not own:
+            raise ConfigError(f"model.chat_template=tokenizer: the tokenizer of {source} carries no chat template. "
+                              f"Set model.chat_template to one of {', '.join(FAMILIES)}.")
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"the tokenizer of {source} has no eos token, so its answers cannot end. Set "
+                              f"model.chat_template to one of {', '.join(FAMILIES)}.")
+        log.info(f"chat template: the tokenizer's own ({source}); the kit does not know its family, so it trains "
+                 f"and serves that template as it is, with answers ending at {tokenizer.eos_token}")
+        _set_pad(tokenizer, (), vocab)
+        return chat_format(tokenizer)
+    fam = found if setting == "auto" else FAMILIES[setting]
+    if fam is None:
+        raise ConfigError(f"the tokenizer of {source} carries no chat template and its vocabulary shows no family "
+                          f"the kit knows. Set model.chat_template to one of {', '.join(FAMILIES)} (the format the "
+                          "model was trained with), or give a tokenizer with a chat template (model.tokenizer).")
+    if missing := [t for t in (fam.marker, fam.end_of_turn) if t not in vocab]:
+        seen = f"; its own template looks like {found.name}" if found else ""
+        raise ConfigError(f"model.chat_template={setting}: the tokenizer of {source} has no {missing[0]!r} token, "
+                          f"so it is not a {fam.title} model{seen}. Set model.chat_template="
+                          f"{found.name if found else 'auto'}.")
+    tokenizer.chat_template = fam.template
+    tokenizer.eos_token = fam.end_of_turn
+    if fam.bos and fam.bos in vocab:
+        tokenizer.bos_token = fam.bos
+    _set_pad(tokenizer, fam.pads, vocab)
+    return chat_format(tokenizer)
+
+
+def _set_pad(tokenizer, candidates: tuple[str, ...], vocab: dict[str, int]) -> None:
+    """A pad token the vocabulary has and that ends nothing: the family's, the tokenizer's, unk; eos last
+    (labels are built by the kit, so padding with it masks no answer)."""
+    eos = tokenizer.eos_token
+    own = [tokenizer.pad_token, tokenizer.unk_token]
+    tokenizer.pad_token = next((t for t in (*candidates, *own) if t and t in vocab and t != eos), eos)
+    tokenizer.padding_side = "right"
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def layout(tokenizer, messages: list[dict], end_of_turn: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the (start, end) character spans of its assistant answers, each through
+    its `end_of_turn` (whatever the template writes after it, such as a line break, is not trained)."""
+    text = render(tokenizer, messages)
     spans = []
-    for m in messages:
-        text += header(m["role"])
-        start = len(text)
-        text += m["content"].strip() + EOT
-        if m["role"] == "assistant":
-            spans.append((start, len(text)))
-    if add_generation_prompt:
-        text += header("assistant")
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render(tokenizer, messages[:k], add_generation_prompt=True) if k else _lead(tokenizer, m)
+        if not text.startswith(prompt):
+            raise ConfigError("the chat template does not render a conversation up to an answer as the start of the "
+                              "whole conversation, so the kit cannot tell which tokens are the answer. Set "
+                              f"model.chat_template to one of {', '.join(FAMILIES)}.")
+        start, end = len(prompt), len(render(tokenizer, messages[:k + 1]))
+        close = text.rfind(end_of_turn, start, end)
+        spans.append((start, close + len(end_of_turn) if close >= 0 else start + len(text[start:end].rstrip())))
     return text, spans
+
+
+def _lead(tokenizer, answer: dict) -> str:
+    """What a template writes before an answer that opens the conversation (a `text` example): templates
+    refuse to render no messages at all."""
+    skeleton = render(tokenizer, [{**answer, "content": _HOLE.format(0)}])
+    return skeleton[:skeleton.find(_HOLE.format(0))]
+
+
+def turn_marks(tokenizer, end_of_turn: str) -> tuple[str, str]:
+    """(what opens a user turn, what opens the answer of a generation prompt) in the rendered text, read
+    off the template: the held-out prompts and answers are cut out of examples with them."""
+    hole = _HOLE.format(0)
+    before, after = render(tokenizer, [{"role": "user", "content": hole}], add_generation_prompt=True).split(hole)
+    cut = before.rfind(end_of_turn)
+    user = before[cut + len(end_of_turn):] if cut >= 0 else before.removeprefix(tokenizer.bos_token or "")
+    cut = after.find(end_of_turn)
+    return user, after[cut + len(end_of_turn):].lstrip() if cut >= 0 else after
+
+
+def content_pieces(tokenizer, messages: list[dict], text: str) -> Optional[list[tuple[int, int, bool]]]:
+    """`text` (the rendered conversation) as (start, end, is message content) pieces, found by rendering the
+    template around placeholders; None where the template does not write the contents as given or trimmed."""
+    skeleton = render(tokenizer, [{**m, "content": _HOLE.format(k)} for k, m in enumerate(messages)])
+    for shape in (str.strip, str):
+        pieces, pos, at = [], 0, 0
+        for k, m in enumerate(messages):
+            hole = skeleton.find(_HOLE.format(k), at)
+            if hole < 0:
+                return None
+            pieces.append((pos, pos + hole - at, False))
+            pos += hole - at
+            pieces.append((pos, pos + len(shape(m["content"])), True))
+            pos += len(shape(m["content"]))
+            at = hole + len(_HOLE.format(k))
+        pieces.append((pos, pos + len(skeleton) - at, False))
+        rebuilt = "".join(text[a:b] for a, b, _ in pieces)
+        if pos + len(skeleton) - at == len(text) and rebuilt == text and all(
+                text[a:b] == shape(m["content"]) for (a, b, _), m in zip(pieces[1::2], messages)):
+            return [p for p in pieces if p[0] < p[1]]
+    return None
 
 
 def bundled_tokenizer_file() -> str:
@@ -77,22 +185,22 @@ def _llama31_vocab(path: str):
     return Tokenizer.from_str(json.dumps(data))
 
 
-def generation_config():
-    """Greedy by default and stopping at any of Llama 3.1's stop tokens (vLLM reads it with
+def generation_config(tokenizer):
+    """Greedy by default and stopping at any of the format's stop tokens (vLLM reads it with
     --generation-config auto)."""
     from transformers import GenerationConfig
-    return GenerationConfig(bos_token_id=BOS_ID, eos_token_id=STOP_TOKEN_IDS, pad_token_id=PAD_ID, do_sample=False)
+    stops = list(chat_format(tokenizer).stop_ids)
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stops,
+                            pad_token_id=tokenizer.pad_token_id, do_sample=False)
 
 
-def load_tokenizer(name: str, revision: Optional[str] = None):
-    """The model's tokenizer ('bundled': Llama 3.1's, shipped on PyPI) with Llama 3.1's template,
-    <|eot_id|> as EOS and a real pad token."""
+def load_tokenizer(name: str, revision: Optional[str] = None, chat_template: str = "auto"):
+    """The model's tokenizer ('bundled': Llama 3.1's, shipped on PyPI) with its chat format installed
+    (`chat_template`: model.chat_template)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     if name == "bundled":
         tok = PreTrainedTokenizerFast(tokenizer_object=_llama31_vocab(bundled_tokenizer_file()))
     else:
         tok = AutoTokenizer.from_pretrained(name, revision=revision, token=env.hf_token())
-    tok.bos_token, tok.eos_token, tok.pad_token = BOS, EOT, PAD
-    tok.padding_side = "right"
-    tok.chat_template = LLAMA31_CHAT_TEMPLATE
+    install(tok, chat_template, name)
     return tok

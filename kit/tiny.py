@@ -53,8 +53,9 @@ def build_random_model(shape: str, seed: int, out: Path) -> Path:
                 torch.nn.init.normal_(model.lm_head.weight, std=HEAD_STD[shape])
     finally:
         torch.set_default_dtype(default)
-    model.generation_config = generation_config()
+    tokenizer = load_tokenizer("bundled")
+    model.generation_config = generation_config(tokenizer)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size="5GB")
-        load_tokenizer("bundled").save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out

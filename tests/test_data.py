@@ -3,7 +3,7 @@ import json
 import pytest
 
 from kit.data import DataError, detect_format, load_data, load_rows, prepare, to_messages, tokenize
-from kit.template import render
+from kit.template import layout, render
 
 EOT, SH, EH, BOT = 128009, 128006, 128007, 128000
 
@@ -18,7 +18,7 @@ def _prep(path, tokenizer, **kw):
 def test_template_matches_llama31_format_and_jinja(tokenizer):
     msgs = [{"role": "system", "content": "친절하게 답하세요."}, {"role": "user", "content": "안녕?"},
             {"role": "assistant", "content": "안녕하세요!"}]
-    text, spans = render(msgs)
+    text, spans = layout(tokenizer, msgs, "<|eot_id|>")
     assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
                     "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n친절하게 답하세요.<|eot_id|>"
                     "<|start_header_id|>user<|end_header_id|>\n\n안녕?<|eot_id|>"
@@ -26,7 +26,7 @@ def test_template_matches_llama31_format_and_jinja(tokenizer):
     assert text[spans[0][0]:spans[0][1]] == "안녕하세요!<|eot_id|>"
     assert tokenizer.apply_chat_template(msgs, tokenize=False) == text
     gen = tokenizer.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
-    assert gen == render(msgs[:2], add_generation_prompt=True)[0]
+    assert gen == render(tokenizer, msgs[:2], add_generation_prompt=True)
 
 
 def test_labels_mask_everything_but_assistant_turns_exact_positions(tokenizer):
@@ -34,7 +34,7 @@ def test_labels_mask_everything_but_assistant_turns_exact_positions(tokenizer):
             {"role": "user", "content": "고마워"}, {"role": "assistant", "content": "천만에요."}]
     ex = tokenize(msgs, tokenizer, max_len=512, responses_only=True)
     ids, labels = ex["input_ids"], ex["labels"]
-    assert ids == tokenizer(render(msgs)[0], add_special_tokens=False)["input_ids"]
+    assert ids == tokenizer(render(tokenizer, msgs), add_special_tokens=False)["input_ids"]
     assert ids[0] == BOT
     answers = [tokenizer.encode("2입니다.", add_special_tokens=False),
                tokenizer.encode("천만에요.", add_special_tokens=False)]

@@ -201,7 +201,7 @@ def test_plain_rows_tokenize_as_the_whole_rendered_text(tokenizer):
     literal = tokenize(msgs, tokenizer, 512, responses_only=True)
     plain = tokenize([msgs[0], {"role": "user", "content": "무엇?"}, msgs[2]], tokenizer, 512, responses_only=True)
     assert literal["literal"] and not plain["literal"]
-    assert plain["input_ids"] == tokenizer(render([msgs[0], {"role": "user", "content": "무엇?"}, msgs[2]])[0],
+    assert plain["input_ids"] == tokenizer(render(tokenizer, [msgs[0], {"role": "user", "content": "무엇?"}, msgs[2]]),
                                            add_special_tokens=False)["input_ids"]
     # the answer and its <|eot_id|> are trained either way
     assert [t for t, label in zip(literal["input_ids"], literal["labels"]) if label != -100] == \

@@ -43,8 +43,8 @@ def _pairs(tokenizer, dataset) -> list[tuple[str, str]]:
             for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
 
 
-def _conversation(q: str, a: str) -> str:
-    return render([{"role": "user", "content": q}, {"role": "assistant", "content": a}])[0]
+def _conversation(tokenizer, q: str, a: str) -> str:
+    return render(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
 
 
 def test_each_source_is_rendered_with_its_own_format_and_column_map(sources, tokenizer):
@@ -57,7 +57,7 @@ def test_each_source_is_rendered_with_its_own_format_and_column_map(sources, tok
                             Share(f"data.path[1] {sources}/b.csv", 9, 9, 1),
                             Share(f"data.path[2] {sources}/c.jsonl", 18, 18, 2)]
     assert len(data.train.dataset) == 63 and len(data.eval.dataset) == 7
-    expected = {_conversation(f"질문 {s}{i}", f"답 {s}{i}"): f"답 {s}{i}<|eot_id|>" for s, n in
+    expected = {_conversation(tokenizer, f"질문 {s}{i}", f"답 {s}{i}"): f"답 {s}{i}<|eot_id|>" for s, n in
                 (("A", 40), ("B", 10), ("C", 20)) for i in range(n)}
     for split in (data.train, data.eval):
         for text, trained in _pairs(tokenizer, split.dataset):

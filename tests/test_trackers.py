@@ -61,7 +61,7 @@ def test_held_out_prompts_are_the_trained_conversation_up_to_its_last_answer(tok
     ds = Dataset.from_list([{"input_ids": r["input_ids"]} for r in rows])
     got = held_out(ds, tokenizer)
     assert len(got) == 2, "the example cut before its answer is left out"
-    assert got[0].prompt == render(chat[:-1], add_generation_prompt=True)[0]
+    assert got[0].prompt == render(tokenizer, chat[:-1], add_generation_prompt=True)
     assert (got[0].question, got[0].reference) == ("2 더하기 2는?", "4입니다.")
     assert (got[1].question, got[1].reference) == ("", "혼잣말입니다.")
     assert held_out(ds, tokenizer, limit=1) == got[:1]

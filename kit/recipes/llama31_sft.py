@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from kit import distributed, gguf, hub, report, rundir, trackers
+from kit import distributed, gguf, gguf_source, hub, report, rundir, trackers
 from kit.backend import activate, check_machine
 from kit.config import DEFAULT_RECIPE, Config, describe, load_config, shipped_recipes, to_yaml
 from kit.data import load_data, mixture_table
@@ -31,7 +31,7 @@ from kit.export import export
 from kit.io import write_json
 from kit.plan import Plan, execution, make_plan
 from kit.rundir import RunDir, save_adapter
-from kit.template import load_tokenizer
+from kit.template import chat_format, load_tokenizer
 from kit.tiny import build_random_model
 
 PROG = "python -m kit.recipes.llama31_sft"
@@ -62,12 +62,16 @@ def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices:
     # ---------------------------------------------------------------- setup
     hub.check_models(cfg)  # in seconds, where the Hub client would retry for a minute
     backend = activate(cfg, world)  # checks this machine, joins the other ranks, imports Unsloth before TRL
-    # the run directory, before the model and the data load; rank 0 creates it, the others wait for it
-    resume = None if plan_only else distributed.on_main(world, start_run, cfg, world.size)
     from kit import train  # the import boundary: transformers, TRL and PEFT come in here, after Unsloth
 
-    # rank 0 first: the others read what it downloaded and cached
-    tokenizer = distributed.main_first(world, load_tokenizer, cfg.model.tokenizer_source, cfg.model.revision)
+    # rank 0 first: the others read what it downloaded, dequantized and cached
+    base = distributed.main_first(world, base_model, cfg.model.name)
+    tokenizer = distributed.main_first(world, load_tokenizer, tokenizer_source(cfg, base), cfg.model.revision,
+                                       cfg.model.chat_template)
+    chat = chat_format(tokenizer)
+    # the run directory once the model's chat format is known, before the data load; rank 0 creates it, the
+    # others wait for it
+    resume = None if plan_only else distributed.on_main(world, start_run, cfg, world.size)
     data = distributed.main_first(world, load_data, cfg, tokenizer)
     plan = train.plan(cfg, backend, data, devices)  # training: devices is the world's size (main)
     if world.main:
@@ -80,11 +84,10 @@ def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices:
     if resume is not None:
         rundir.check_unfinished(resume, plan.total_steps)
     run_dir = RunDir(cfg.run_dir)
-    base = cfg.model.name
     if cfg.model.random_shape is not None:
         shape, seed = cfg.model.random_shape, cfg.model.random_seed
         base = str(distributed.on_main(world, build_random_model, shape, seed, run_dir.base_model).resolve())
-    record = report.manifest(cfg, backend, data, plan, base)
+    record = report.manifest(cfg, backend, data, plan, base, chat)
     begin = functools.partial(rundir.begin, run_dir, to_yaml(cfg), {**record, "status": "training"}, resume)
 
     # ---------------------------------------------------------------- train
@@ -94,11 +97,22 @@ def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices:
 
     # ---------------------------------------------------------------- save (rank 0)
     adapter = save_adapter(trained.model, tokenizer, run_dir.adapter, base)
-    result = report.finish(cfg, run_dir, backend, plan, trained, adapter)
+    result = report.finish(cfg, run_dir, backend, plan, trained, adapter, chat)
     write_json(run_dir.manifest, {**record, "result": dataclasses.asdict(result), "overfit_alarms": trained.alarms})
     print(report.summary(result))
     for fmt in cfg.export.formats:
         print(f"exported {fmt} to {export(run_dir.path, fmt, cfg.export.gguf_quant)}")
+
+
+def base_model(name: str) -> str:
+    """What the trainer loads for model.name: a GGUF file (or the kit's packaged model) as the model folder it
+    is dequantized to, once; a Hub id or folder as it is."""
+    return str(gguf_source.materialize(name)) if gguf_source.is_gguf_source(name) else name
+
+
+def tokenizer_source(cfg: Config, base: str) -> str:
+    """model.tokenizer, else the model's own ('bundled': Llama 3.1's, for a random-weight model)."""
+    return "bundled" if cfg.model.random_shape is not None else (cfg.model.tokenizer or base)
 
 
 def start_run(cfg: Config, devices: int) -> Optional[Path]:
