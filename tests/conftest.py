@@ -35,6 +35,15 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory):
+    """The shipped smollm2 recipe, exactly as configured (a real model: SmolLM2-135M-Instruct, ChatML), trained
+    once per session on CPU into a temporary runs/."""
+    cwd = tmp_path_factory.mktemp("smollm2")
+    res = run_recipe(["--config", "smollm2", f"run.output_dir={cwd / 'runs'}"], cwd=cwd)
+    return cwd / "runs" / "smollm2", res
+
+
+@pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A random-weight model of kit.tiny's 'tiny' shape (the demo's base), built once per session."""
     from kit.tiny import build_random_model
