@@ -43,6 +43,16 @@ class Family:
     """Ollama's TEMPLATE (Go syntax)."""
     bos: Optional[str] = None
     """The text every conversation starts with, where the family has one."""
+    marker_token: bool = True
+    """Whether every vocabulary of the family holds the marker as one token (Mistral v0.1/v0.2 write [INST] as
+    text)."""
+    unlike: tuple[str, ...] = ()
+    """Text of another format that shares the marker: a template holding it is not this family's."""
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """The tokens every tokenizer of the family has: one that lacks any is not of the family."""
+        return (self.marker, self.end_of_turn) if self.marker_token else (self.end_of_turn,)
 
 
 LLAMA3 = Family(
@@ -110,7 +120,7 @@ MISTRAL = Family(
     modelfile=("{{ range $i, $m := .Messages }}{{ if eq .Role \"user\" }}[INST] "
                "{{ if and (eq $i 0) $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }} [/INST]"
                "{{ else }} {{ .Content }}</s>{{ end }}{{ end }}"),
-    bos="<s>")
+    bos="<s>", marker_token=False, unlike=("<<SYS>>",))  # Llama 2's [INST] format: its own template is kept
 
 FAMILIES = {f.name: f for f in (LLAMA3, CHATML, GEMMA3, MISTRAL)}
 CUSTOM = "custom"  # a tokenizer's own template the kit does not know (kit.template)
@@ -118,7 +128,8 @@ CUSTOM = "custom"  # a tokenizer's own template the kit does not know (kit.templ
 
 def by_template(template: Optional[str]) -> Optional[Family]:
     """The family whose marker the template holds (None: no template, or one the kit does not know)."""
-    return next((f for f in FAMILIES.values() if template and f.marker in template), None)
+    return next((f for f in FAMILIES.values()
+                 if template and f.marker in template and not any(t in template for t in f.unlike)), None)
 
 
 def by_vocabulary(vocab: dict[str, int]) -> Optional[Family]:

@@ -29,6 +29,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from kit.config import RANDOM
 from kit.errors import KitError
+from kit.gguf_source import is_gguf_source, materialize
 from kit.llama import VOCAB_SIZE, projection_shapes
 from kit.rundir import base_config
 from kit.tiny import SHAPES
@@ -161,6 +162,8 @@ def base_model_config(name: str, network: bool) -> Optional[dict]:
     a local folder, the Hub's cache, or (network=True) the Hub; None when it cannot be had."""
     if name.startswith(RANDOM):
         return _shape(name[len(RANDOM):])
+    if is_gguf_source(name):  # the folder it was dequantized to, once
+        name = str(materialize(name))
     if name.lower().removesuffix("-bnb-4bit").split("/")[-1] in LLAMA31_8B_NAMES:
         return _shape("8b")
     cached = try_to_load_from_cache(name, "config.json") if not Path(name).exists() else None

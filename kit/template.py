@@ -78,7 +78,7 @@ def install(tokenizer, setting: str = "auto", source: str = "the model") -> Chat
         raise ConfigError(f"the tokenizer of {source} carries no chat template and its vocabulary shows no family "
                           f"the kit knows. Set model.chat_template to one of {', '.join(FAMILIES)} (the format the "
                           "model was trained with), or give a tokenizer with a chat template (model.tokenizer).")
-    if missing := [t for t in (fam.marker, fam.end_of_turn) if t not in vocab]:
+    if missing := [t for t in fam.tokens if t not in vocab]:
         seen = f"; its own template looks like {found.name}" if found else ""
         raise ConfigError(f"model.chat_template={setting}: the tokenizer of {source} has no {missing[0]!r} token, "
                           f"so it is not a {fam.title} model{seen}. Set model.chat_template="
@@ -194,13 +194,14 @@ def generation_config(tokenizer):
                             pad_token_id=tokenizer.pad_token_id, do_sample=False)
 
 
-def load_tokenizer(name: str, revision: Optional[str] = None, chat_template: str = "auto"):
+def load_tokenizer(name: str, revision: Optional[str] = None, chat_template: str = "auto",
+                   shown: Optional[str] = None):
     """The model's tokenizer ('bundled': Llama 3.1's, shipped on PyPI) with its chat format installed
-    (`chat_template`: model.chat_template)."""
+    (`chat_template`: model.chat_template); `shown` names the model in messages (default: `name`)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     if name == "bundled":
         tok = PreTrainedTokenizerFast(tokenizer_object=_llama31_vocab(bundled_tokenizer_file()))
     else:
         tok = AutoTokenizer.from_pretrained(name, revision=revision, token=env.hf_token())
-    install(tok, chat_template, name)
+    install(tok, chat_template, shown or name)
     return tok

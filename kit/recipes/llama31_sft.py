@@ -67,7 +67,7 @@ def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices:
     # rank 0 first: the others read what it downloaded, dequantized and cached
     base = distributed.main_first(world, base_model, cfg.model.name)
     tokenizer = distributed.main_first(world, load_tokenizer, tokenizer_source(cfg, base), cfg.model.revision,
-                                       cfg.model.chat_template)
+                                       cfg.model.chat_template, cfg.model.tokenizer or cfg.model.name)
     chat = chat_format(tokenizer)
     # the run directory once the model's chat format is known, before the data load; rank 0 creates it, the
     # others wait for it

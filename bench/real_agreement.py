@@ -1,0 +1,95 @@
+"""Greedy agreement of served models with the local reference on the tokens that are decided: a real model's
+answers, where a random-weight model's would part at near-ties everywhere. Run beside servers that
+bench/serve_matrix.py started (its --after names them in KIT_MATRIX_URLS), on the GPU machine:
+
+    python bench/serve_matrix.py RUN --out DIR --concurrency 1 --repeats 1 \\
+        --variant "merged|0||--merged --gpu-memory-utilization 0.2" \\
+        --variant "fp8|0||--merged --fp8 --gpu-memory-utilization 0.2" \\
+        --after "python bench/real_agreement.py RUN --out DIR/agreement.json"
+
+The reference is the run's base + adapter in transformers (bf16 on the GPU). Each answer is walked along the
+reference's greedy tokens up to where the server first parts from it: tokens the reference chose by at least
+--tie nats over its runner-up count as decided (agreed while the answers go together; the parting token counts
+as a disagreement when it was decided there, and as a near-tie, not counted, when it was not). Prints one JSON
+line per server.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+QUESTIONS_EN = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
+                "Give one synonym for 'happy'.", "What does a CPU do?", "Translate 'good morning' to Spanish.",
+                "What is the boiling point of water in Celsius?", "Who wrote Romeo and Juliet?"]
+
+
+def prompts(n: int) -> list[str]:
+    """The first questions of the kit's Korean sample set (held-out ones among them), then English ones."""
+    from kit.data import SAMPLE_FILE
+    rows = [json.loads(line) for line in SAMPLE_FILE.read_text(encoding="utf-8").splitlines()]
+    korean = [r["instruction"] for r in rows[:max(n - len(QUESTIONS_EN), 0)]]
+    return (korean + QUESTIONS_EN)[:n]
+
+
+def walk(continuation: list[int], margins: list[float], got: list[int], stopped: bool, stop_ids: set,
+         tie: float) -> tuple[int, int, bool]:
+    """(decided tokens agreed, decided tokens parted on (0 or 1), whole answer identical) of one answer."""
+    agreed = 0
+    served = [t for t in got if t not in stop_ids] + ([continuation[-1]] if stopped and continuation[-1] in stop_ids
+                                                      else [])
+    for n, token in enumerate(continuation):
+        same = n < len(served) and served[n] == token
+        if not same:
+            return agreed, int(margins[n] >= tie), False
+        agreed += margins[n] >= tie
+    return agreed, 0, len(served) == len(continuation)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--tie", type=float, default=0.1, help="nats: a smaller top-1 margin is a near-tie")
+    args = ap.parse_args()
+    import openai
+    import torch
+
+    from kit.infer import load_adapter_model
+    from kit.template import chat_format
+    from kit.verify import hf_run, prompt_ids, served_answer
+
+    model, tok = load_adapter_model(args.run, dtype="bfloat16")
+    stop_ids = set(chat_format(tok).stop_ids)
+    questions = prompts(args.prompts)
+    refs = []
+    for q in questions:
+        ids = prompt_ids(tok, q)
+        continuation, logits = hf_run(model, ids, args.max_new_tokens)
+        rows = torch.tensor(logits[len(ids) - 1:len(ids) - 1 + len(continuation)])
+        top2 = rows.topk(2, dim=-1).values
+        refs.append((continuation, (top2[:, 0] - top2[:, 1]).tolist()))
+    results = []
+    for pair in os.environ.get("KIT_MATRIX_URLS", "").split():
+        label, url = pair.split("=", 1)
+        client = openai.OpenAI(base_url=url, api_key=os.environ.get("KIT_API_KEY", "none"))
+        name = next(m.id for m in client.models.list().data)
+        agreed = parted = identical = 0
+        for q, (continuation, margins) in zip(questions, refs):
+            answer = served_answer(client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": q}], temperature=0,
+                max_tokens=args.max_new_tokens, extra_body={"return_token_ids": True}), tok)
+            a, p, same = walk(continuation, margins, answer.tokens, answer.stopped, stop_ids, args.tie)
+            agreed, parted, identical = agreed + a, parted + p, identical + same
+        results.append({"label": label, "model": name, "decided_agreement": agreed / max(agreed + parted, 1),
+                        "decided_tokens": agreed + parted, "parted_on_decided": parted,
+                        "identical_answers": identical, "answers": len(questions), "tie_nats": args.tie})
+        print(json.dumps(results[-1]), flush=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
