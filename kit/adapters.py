@@ -95,6 +95,7 @@ def load(api: Api, run_dir: Path, name: Optional[str] = None) -> str:
     if adapter.base != base["root"]:
         print(f"note: {adapter.path} names the base {adapter.base}; the server serves {base['root']}, of the same "
               "shape. Check its answers: kit verify RUN_DIR --url URL --model NAME.", file=sys.stderr)
+    check_template(api, base["id"], adapter.path)
     name = name or RunDir(Path(run_dir)).name
     path = str(adapter.path.resolve())
     status, body = api.call("/load_lora_adapter", {"lora_name": name, "lora_path": path})
@@ -117,6 +118,32 @@ def load(api: Api, run_dir: Path, name: Optional[str] = None) -> str:
                           "or load it under another --name.")
     raise ServerError(f"vLLM refused {name} ({status} {kind}): {message} The server's log (serve.log in the "
                       "served run directory) has the details.")
+
+
+def check_template(api: Api, model: str, folder: Path) -> None:
+    """The server renders every request with its tokenizer's chat template, whichever adapter it names (vLLM has
+    one tokenizer): the adapter's own template (saved beside it) must render a prompt to the same ids. Checked
+    through the server's /tokenize (vLLM's); a server without it, or an adapter folder without a tokenizer, is
+    not checked."""
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if not tok.chat_template:
+        return
+    messages = [{"role": "user", "content": "Hello"}]
+    local = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    status, body = Api(api.url.removesuffix("/v1"), api.key, api.key_env).call(
+        "/tokenize", {"model": model, "messages": messages, "add_generation_prompt": True})
+    try:
+        served = json.loads(body)["tokens"] if status == 200 else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        served = None
+    if served is not None and served != local:
+        raise ServerError(f"{folder} was trained with another chat template than the server renders every request "
+                          f"with (its tokenizer's): a prompt becomes other ids there ({served[:8]}) than in training "
+                          f"({local[:8]}), so its answers would not be the trained ones. Serve it on a server of its "
+                          "own: kit serve RUN_DIR.")
 
 
 def unload(api: Api, name: str) -> None:

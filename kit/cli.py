@@ -4,7 +4,8 @@
     kit ask RUN_DIR --prompt TEXT                          greedy answer from base + the run's adapter
     kit export RUN_DIR --to merged16|gguf [--quant q8_0]   merged 16-bit model or GGUF (+ Ollama Modelfile)
     kit verify RUN_DIR [--url URL --model NAME]            exports (and a server) agree with base + adapter?
-    kit eval RUN_DIR [--tasks kit_heldout,NAME] [--merged] lm-evaluation-harness: the held-out split, lm-eval tasks
+    kit eval RUN_DIR [--tasks NAMES] [--merged|--base]     lm-evaluation-harness: the held-out split, lm-eval tasks
+    kit compare RUN_DIR [--example N]                      base vs fine-tuned: one held-out answer each, ROUGE-L
     kit serve RUN_DIR [RUN_DIR ...] [--merged] [-- VLLM]   vLLM's OpenAI-compatible server (VLLM: its own options)
     kit chat --url URL --model NAME [--prompt TEXT]        streaming chat with a served model
     kit adapters load URL RUN_DIR [--name NAME]            load an adapter into a running server
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kit import adapters, chat_client, evaluation, export, serve, verify
+from kit import adapters, chat_client, compare, evaluation, export, serve, verify
 from kit.errors import KitError, exit_with
 
 
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     verify.add_arguments(sub.add_parser("verify", help="compare exports and a server against base + adapter"))
     evaluation.add_arguments(sub.add_parser("eval", help="lm-evaluation-harness on the run's held-out split and "
                                                          "lm-eval tasks"))
+    compare.add_arguments(sub.add_parser("compare", help="the base model and the fine-tune on the held-out split: "
+                                                         "one question's answers, both scores"))
     serve.add_arguments(sub.add_parser("serve", help="serve runs with vLLM (base + adapters, or --merged)"))
     chat_client.add_arguments(sub.add_parser("chat", help="chat with a served model (OpenAI API)"))
     adapters.add_arguments(sub.add_parser("adapters", help="load or unload adapters of a running server"))
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
     if args.command == "serve":
         args.vllm_options = vllm_options
     commands = {"ask": cmd_ask, "export": export.run_cli, "verify": verify.run_cli, "eval": evaluation.run_cli,
-                "serve": serve.run_cli, "chat": chat_client.run_cli, "adapters": adapters.run_cli}
+                "compare": compare.run_cli, "serve": serve.run_cli, "chat": chat_client.run_cli,
+                "adapters": adapters.run_cli}
     try:
         return commands[args.command](args)
     except KitError as e:

@@ -56,6 +56,9 @@ TRAIN_KIT_ONLY = {
                  "wandb and mlflow reach SFTConfig.report_to, their records set up in the run directory (kit.trackers)",
     "sample_prompts": "the kit's SampleAnswers callback",
     "sample_max_new_tokens": "the kit's SampleAnswers callback",
+    "method": "picks the trainer: TRL's SFTTrainer, DPOTrainer or ORPOTrainer (kit.train)",
+    "beta": "DPOConfig.beta or ORPOConfig.beta",
+    "loss_type": "DPOConfig.loss_type",
 }
 
 
@@ -119,6 +122,18 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     """Named as in TrainingArguments; all but TRAIN_KIT_ONLY pass through to SFTConfig by name."""
+
+    method: Literal["sft", "dpo", "orpo"] = "sft"
+    """sft: supervised fine-tuning on answers (TRL's SFTTrainer). dpo: preference training on pairs (prompt, chosen,
+    rejected) with TRL's DPOTrainer; the reference model is the base with the adapter disabled (no second copy).
+    orpo: preference training without a reference model (TRL's ORPOTrainer), SFT and preference in one stage.
+    dpo and orpo read preference data (kit.preference; the shipped pairs: data.path=kit:ko_pairs)."""
+    beta: float = 0.1
+    """dpo: the strength of the pull toward the reference (TRL's DPOConfig.beta; for ipo, its regularization);
+    orpo: the weight of the odds-ratio term (ORPOConfig.beta, the paper's lambda)."""
+    loss_type: Optional[Literal["sigmoid", "ipo", "hinge"]] = None
+    """dpo: the loss, by TRL's DPOConfig names: sigmoid (DPO's own; the default), ipo or hinge. ORPO has one loss,
+    its own."""
 
     per_device_train_batch_size: int = 8
     """Examples per device per forward pass (the guide's 'batch size')."""
@@ -680,6 +695,15 @@ def _train_issues(cfg: Config) -> Iterator[Issue]:
     if t.sample_max_new_tokens < 1:
         yield Issue("train.sample_max_new_tokens", f"train.sample_max_new_tokens={t.sample_max_new_tokens}: must "
                     "be >= 1.")
+    if not 0 < t.beta <= 100:
+        yield Issue("train.beta", f"train.beta={t.beta}: must be > 0 (DPO's usual 0.1..0.5; ORPO's 0.1).")
+    if t.loss_type is not None and t.method == "orpo":
+        yield Issue("train.loss_type", f"train.loss_type={t.loss_type}: ORPO has no loss variants to choose (its "
+                    "loss is its own: SFT plus the odds-ratio term weighted by train.beta). Remove train.loss_type, "
+                    "or use train.method=dpo for sigmoid, ipo or hinge.")
+    elif t.loss_type is not None and t.method == "sft":
+        yield Issue("train.loss_type", f"train.loss_type={t.loss_type} applies to preference training: set "
+                    "train.method=dpo, or remove train.loss_type.")
     if t.early_stopping_patience is not None:
         if t.early_stopping_patience < 1:
             yield Issue("train.early_stopping_patience", "train.early_stopping_patience must be >= 1.")
@@ -768,6 +792,12 @@ def _combination_issues(cfg: Config) -> Iterator[Issue]:
     if t.eval_strategy != "no" and not has_eval:
         yield Issue("train.eval_strategy", f"train.eval_strategy='{t.eval_strategy}' but there is no eval data: set "
                     "data.eval_ratio > 0, data.eval_path or data.eval_split, or train.eval_strategy=no.")
+    if t.method != "sft" and d.mixture:
+        yield Issue("data.path", f"train.method={t.method}: a mixture of preference datasets is not supported yet; "
+                    "give data.path one dataset (a file, folder or Hub id).")
+    if t.method != "sft" and t.packing:
+        yield Issue("train.packing", f"train.packing=true with train.method={t.method}: preference pairs are not "
+                    "packed; set train.packing=false.")
     if t.packing and cfg.model.backend == "hf":
         yield Issue("train.packing", "train.packing=true with model.backend=hf: transformers' SDPA attention would "
                     "let packed examples attend to each other. Use model.backend=unsloth (its varlen kernels keep "
@@ -806,6 +836,10 @@ def check_device(cfg: Config, cuda: bool, bf16_ok: bool) -> None:
         if t.padding_free is True:
             problems.append("train.padding_free=true needs a CUDA GPU (variable-length attention kernels). "
                             "Set train.padding_free=false here.")
+        if t.method == "dpo" and m.backend == "hf":
+            problems.append("train.method=dpo with model.backend=hf on CPU: TRL's DPO computes its log-probabilities "
+                            "with a Triton kernel (its fused LM head) that needs a GPU. Use model.backend=auto "
+                            "(Unsloth's CPU path replaces that kernel) on this machine.")
     elif m.precision == "bf16" and not bf16_ok:
         problems.append("model.precision=bf16: this GPU does not support bf16 (Ampere or newer does); use "
                         "precision=fp16 (with loss scaling) or auto.")

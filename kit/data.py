@@ -33,6 +33,9 @@ FIELD_NAMES = ["instruction", "input", "output", "messages", "prompt", "completi
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SAMPLE = "kit:ko_sample"
 SAMPLE_FILE = Path(__file__).parent / "data" / "ko_sample.jsonl"
+PAIRS = "kit:ko_pairs"  # the Korean preference pairs made from the sample set (kit/data/make_pairs.py)
+PAIRS_FILE = Path(__file__).parent / "data" / "ko_pairs.jsonl"
+SHIPPED = {SAMPLE: SAMPLE_FILE, PAIRS: PAIRS_FILE}
 WHERE = "__kit_where__"  # a column of every loaded dataset: the row's file and line (or row)
 
 
@@ -40,15 +43,15 @@ WHERE = "__kit_where__"  # a column of every loaded dataset: the row's file and 
 
 def is_local(path: str) -> bool:
     p = Path(path).expanduser()
-    return path == SAMPLE or p.exists() or path.startswith((".", "/", "~")) or p.suffix in LOCAL_SUFFIXES
+    return path in SHIPPED or p.exists() or path.startswith((".", "/", "~")) or p.suffix in LOCAL_SUFFIXES
 
 
 def load_rows(path: str, split: str = "train", subset: Optional[str] = None, revision: Optional[str] = None):
     """A datasets.Dataset from the kit's sample, a local file/folder, or the Hugging Face Hub. Each row carries
     where it came from in the column WHERE (file and line as an editor counts them, or row), which the eval
     split and max_examples keep, so that a message about a row points at it."""
-    if path == SAMPLE:
-        path = str(SAMPLE_FILE)
+    if path in SHIPPED:
+        path = str(SHIPPED[path])
     if is_local(path):
         ds = _read_local(Path(path).expanduser(), path)
     else:

@@ -1,14 +1,18 @@
 """`kit eval RUN`: lm-evaluation-harness on a run's model, the base with the run's adapter (lm-eval's HF model
-with PEFT) or the merged export. Its task kit_heldout is the run's held-out split written as a local JSONL and
-scored by exact match and ROUGE-L against the answers the examples trained toward, so it runs offline; any task
-lm-eval has installed (or finds under --include) runs by name beside it.
+with PEFT), the merged export, or the adapter's base alone (--base: the scores before fine-tuning). Its task
+kit_heldout is the run's held-out split written as a local JSONL and scored by exact match and ROUGE-L against the
+answers the examples trained toward, so it runs offline; any task lm-eval has installed (or finds under --include)
+runs by name beside it.
 
     kit eval runs/demo                                        # the held-out split
     kit eval runs/demo --tasks kit_heldout,hellaswag --limit 100 --merged
+    kit eval runs/demo --base                                 # the same, on the base model without the adapter
 
-Each task's latest scores land in RUN/eval/<model>.json (adapter.json, merged16.json), with lm-eval's samples
-per task beside it, and under manifest.json's "evaluation". RUN/eval/kit_heldout.yaml is an lm-eval task file:
-`lm_eval --include_path RUN/eval --tasks kit_heldout ...` runs the same task.
+Each task's latest scores land in RUN/eval/<model>.json (adapter.json, merged16.json, base.json), with lm-eval's
+samples per task beside it, and under manifest.json's "evaluation" (keyed the same), so base and fine-tune sit side
+by side. Every model is asked in the run's chat format (the tokenizer the run saved: its template, its stop tokens).
+RUN/eval/kit_heldout.yaml is an lm-eval task file: `lm_eval --include_path RUN/eval --tasks kit_heldout ...` runs
+the same task.
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ from kit.config import load_config
 from kit.errors import EvalError, SetupError, install_extras
 from kit.heldout import held_out
 from kit.io import atomic_write_text, write_json
-from kit.llama import STOP_TOKENS
 from kit.rundir import CONFIG, MANIFEST, RunDir, base_config, read_adapter, read_manifest, record_evaluation
+from kit.template import chat_format
 
 TASK = "kit_heldout"
 
@@ -41,9 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_count, help="evaluate at most N examples of each task")
     p.add_argument("--merged", action="store_true", help="the merged export (kit export --to merged16), not the base "
                                                          "with the adapter")
+    p.add_argument("--base", action="store_true", help="the adapter's base model alone (no adapter), asked the same "
+                                                       "way: the scores before fine-tuning, recorded as 'base'")
     p.add_argument("--max-new-tokens", type=_count, default=256, help=f"longest answer in {TASK} (default 256)")
     p.add_argument("--batch-size", type=_batch, default="8", help="lm-eval's batch size: a number or auto (default 8)")
-    p.add_argument("--chat-template", action="store_true", help=f"ask the named tasks through Llama 3.1's chat "
+    p.add_argument("--chat-template", action="store_true", help=f"ask the named tasks through the run's chat "
                                                                 f"template ({TASK} always is)")
     p.add_argument("--include", action="append", default=[], metavar="DIR",
                    help="a folder of your own lm-eval task YAML files (repeatable)")
@@ -64,21 +70,25 @@ def _batch(text: str) -> str:
 def run_cli(args) -> int:
     tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
     report = evaluate(Path(args.run_dir), tasks, args.limit, args.merged, args.max_new_tokens, args.batch_size,
-                      args.chat_template, [Path(d) for d in args.include])
+                      args.chat_template, [Path(d) for d in args.include], base=args.base)
     print(render(report))
     return 0
 
 
 def evaluate(run_dir: Path, tasks: list[str], limit: Optional[int] = None, merged: bool = False,
              max_new_tokens: int = 256, batch_size: str = "8", chat_template: bool = False,
-             include: list[Path] = ()) -> dict:
-    """Run `tasks` on the run's model and record each one's scores (RUN/eval/<model>.json, the manifest); returns
-    what render() shows."""
+             include: list[Path] = (), base: bool = False) -> dict:
+    """Run `tasks` on the run's model (`merged`: the merged export; `base`: the adapter's base alone) and record
+    each one's scores (RUN/eval/<model>.json, the manifest); returns what render() shows."""
+    if merged and base:
+        raise EvalError("--base and --merged name two different models: --base scores the adapter's base model "
+                        "without the adapter (the scores before fine-tuning), --merged the merged export. Give one "
+                        "of them, in two kit eval commands to record both.")
     run = RunDir(Path(run_dir))
     if not run.manifest.is_file() or not run.config.is_file():
         raise EvalError(f"{run.path}: not a trained run (no {MANIFEST} and {CONFIG}). Train it first "
                         "(kit train ...), or check the path.")
-    source, model_args = _model(run, merged)
+    source, model_args = _model(run, merged, base)
     lm_eval, tm_class, hflm = _lm_eval()
     named = [t for t in tasks if t != TASK]
     # lm-eval's index of its installed tasks takes a while to build: only for named tasks
@@ -141,18 +151,23 @@ def _lm_eval():
     return lm_eval, TaskManager, HFLM
 
 
-def _model(run: RunDir, merged: bool) -> tuple[str, dict]:
-    """('adapter' or 'merged16', lm-eval's HF model arguments)."""
+def _model(run: RunDir, merged: bool, base: bool = False) -> tuple[str, dict]:
+    """('adapter', 'merged16' or 'base', lm-eval's HF model arguments). Each is asked through the tokenizer the run
+    saved beside its adapter (the run's chat template and stop tokens), the merged export too: the template an
+    export carries is not necessarily the one the run trained with."""
     if merged:
         if not (run.merged16 / "config.json").is_file():
             raise EvalError(f"--merged: {run.merged16} holds no merged export. Write it with "
                             f"kit export {run.path} --to merged16, or evaluate the adapter (without --merged).")
         folder = str(run.merged16.resolve())
-        return "merged16", {"pretrained": folder, "tokenizer": folder}
+        tokenizer = run.adapter if (run.adapter / "tokenizer_config.json").is_file() else run.merged16
+        return "merged16", {"pretrained": folder, "tokenizer": str(tokenizer.resolve())}
     adapter = read_adapter(run.path)
     adapter.check_fits(base_config(adapter.base), adapter.base)
     hub.check_model(adapter.base, "the adapter's base_model_name_or_path")
     folder = str(adapter.path.resolve())
+    if base:
+        return "base", {"pretrained": adapter.base, "tokenizer": folder}
     return "adapter", {"pretrained": adapter.base, "peft": folder, "tokenizer": folder}
 
 
@@ -181,7 +196,8 @@ def write_task(run: RunDir, tokenizer_path: str, max_new_tokens: int) -> Path:
     task = {"task": TASK, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(heldout.resolve())}},
             "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{prompt}}",
             "doc_to_target": "{{reference}}", "target_delimiter": "",
-            "generation_kwargs": {"until": list(STOP_TOKENS), "do_sample": False, "max_gen_toks": max_new_tokens},
+            "generation_kwargs": {"until": chat_format(tokenizer).stops, "do_sample": False,
+                                  "max_gen_toks": max_new_tokens},
             "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
                             for m in ("exact_match", "rougeL")],
             "metadata": {"version": 1, "run": str(run.path.resolve())}}

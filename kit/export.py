@@ -12,10 +12,10 @@ from pathlib import Path
 
 from kit import env
 from kit.errors import ExportError
-from kit.gguf import KQUANTS, QUANTS, check_quantizer, kquantize, modelfile, write_gguf
+from kit.gguf import KQUANTS, QUANTS, check_exportable, check_quantizer, kquantize, modelfile, write_gguf
 from kit.io import atomic_dir, clean_leftovers
 from kit.rundir import RunDir, base_config, read_adapter
-from kit.template import LLAMA31_CHAT_TEMPLATE, generation_config
+from kit.template import generation_config
 
 FORMATS = ("merged16", "gguf")
 BYTES_PER_WEIGHT = {"merged16": 2.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_k_m": 2.0 + 0.6, "q5_k_m": 2.0 + 0.7}
@@ -47,9 +47,9 @@ def check_space(target: Path, n_params: int, kind: str) -> None:
 
 
 def write_merged16(model, tokenizer, out: Path) -> None:
-    model.generation_config = generation_config()
+    """The merged model, greedy and stopping at the run's stop tokens, with the run's tokenizer and chat template."""
+    model.generation_config = generation_config(tokenizer)
     model.save_pretrained(out, max_shard_size="5GB", safe_serialization=True)
-    tokenizer.chat_template = LLAMA31_CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
 
 
@@ -60,8 +60,11 @@ def export(run_dir: Path, to: str, quant: str = "q8_0") -> Path:
         raise ExportError(f"--to {to}: use {' or '.join(FORMATS)}.")
     if to == "gguf" and quant not in QUANTS:
         raise ExportError(f"--quant {quant}: unknown GGUF type; use one of {', '.join(QUANTS)}.")
-    if to == "gguf":
-        check_quantizer(quant, f"--quant {quant} (llama.cpp's quantizer)")  # before the model merges
+    if to == "gguf":  # before the model merges
+        check_quantizer(quant, f"--quant {quant} (llama.cpp's quantizer)")
+        from transformers import AutoTokenizer
+        adapter = read_adapter(run.path)
+        check_exportable(AutoTokenizer.from_pretrained(str(adapter.path)), base_config(adapter.base), adapter.base)
     target = run.merged16 if to == "merged16" else run.gguf(quant)
     for folder in (run.merged16, *map(run.gguf, QUANTS)):  # what an interrupted export (any format) left
         clean_leftovers(folder)
@@ -79,7 +82,7 @@ def export(run_dir: Path, to: str, quant: str = "q8_0") -> Path:
                     (tmp / "f16.gguf").unlink()
                 else:
                     write_gguf(model, tokenizer, tmp / name, quant, run.name)
-                (tmp / "Modelfile").write_text(modelfile(name))
+                (tmp / "Modelfile").write_text(modelfile(name, tokenizer))
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise ExportError(f"the disk filled up while writing ({e.strerror}); the partial export was removed and "

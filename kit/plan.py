@@ -124,10 +124,11 @@ def make_plan(cfg: Config, examples: int, eval_examples: int = 0, devices: int =
     mean_tokens = mean_tokens_per_example * per_step if mean_tokens_per_example else None
     if cfg.train.packing and mean_tokens:
         mean_tokens = None  # packed rows are full: the bound is the figure
+    rows = 1 if t.method == "sft" else 2  # a preference pair trains as two rows: prompt + chosen, prompt + rejected
     return Plan(examples=examples, eval_examples=eval_examples, devices=devices, effective_batch=per_step,
                 steps_per_epoch=steps_per_epoch, total_steps=total, epochs=epochs, warmup_steps=warmup,
                 eval_at=eval_at, checkpoints=[checkpoint_name(s) for s in save_at],
-                max_tokens_per_step=per_step * cfg.model.max_seq_length, mean_tokens_per_step=mean_tokens,
+                max_tokens_per_step=per_step * rows * cfg.model.max_seq_length, mean_tokens_per_step=mean_tokens,
                 execution=execution, as_one_device=as_one_device(cfg, devices) if devices > 1 else None)
 
 
@@ -155,11 +156,12 @@ def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib
     as fit; recompute cost less than more passes under torch 2.11, so checkpointing comes before a finer split.
     Padded batches are only ever split finer."""
     t, m = cfg.train, cfg.model
+    pairs = t.method != "sft"  # TRL pads preference pairs (its padding-free DPO is disabled), two rows a pair
     unsloth_cuda = cuda and m.backend != "hf"
-    padding_free = t.packing or (unsloth_cuda if t.padding_free == "auto" else t.padding_free)
+    padding_free = not pairs and (t.packing or (unsloth_cuda if t.padding_free == "auto" else t.padding_free))
     sampling = t.train_sampling_strategy
     if sampling == "auto":  # on CUDA every micro-batch is known in advance; on CPU the guide's random batches
-        sampling = "batch_rebalance" if cuda and not t.packing else "random"
+        sampling = "batch_rebalance" if cuda and not t.packing and not pairs else "random"
     requested = None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing
     # the estimate is calibrated on Unsloth's kernels: the hf backend keeps checkpointing unless told otherwise
     estimable = m.backend != "hf" and (cuda or lengths is None)
@@ -173,7 +175,7 @@ def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib
                   if t.per_device_train_batch_size % k == 0]
     for batch, accum in splits:
         if lengths is None or t.packing:
-            largest, exact = (batch * m.max_seq_length), False
+            largest, exact = (batch * m.max_seq_length * (2 if pairs else 1)), False
         else:
             largest, exact = largest_micro_batch(lengths, sampling=sampling, padding_free=padding_free, batch=batch,
                                                  grad_accum=accum, devices=devices, steps=steps)

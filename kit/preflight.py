@@ -2,13 +2,16 @@
 result is a ServeSpec: what to serve, and how (kit.serve launches it)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from kit import env
 from kit.errors import PreflightError
 from kit.llama import PROJECTIONS
 from kit.rundir import Adapter, RunDir, base_config, read_adapter
+from kit.template import ChatFormat, chat_format
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 # Adapters vLLM keeps in CPU memory beyond the served ones when adapters can be loaded at run time: its LRU
@@ -45,6 +48,10 @@ class ServeSpec:
     gpu_memory_utilization: Optional[float] = None
     """The share of each GPU's memory vLLM may take (weights and KV cache); None: vLLM's default, 0.9."""
     max_model_len: Optional[int] = None
+    generation_config: Optional[dict] = None
+    """What vLLM gets as the model's generation_config.json instead of the served model's own (None: its own,
+    --generation-config auto): its own, with the stop tokens of the run's chat format that it lacks (a base trained
+    in another format; a merged export has its run's, kit export writes them)."""
     notes: list[str] = field(default_factory=list)
     log: Optional[Path] = None
     """Where vLLM's log goes: the run directory."""
@@ -63,7 +70,8 @@ def check_servable(adapter: Adapter, run_dir: Path) -> None:
     targets = c.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
     if bad := sorted(set(targets) - set(PROJECTIONS)):
-        problems.append(f"it targets {bad}, which vLLM's Llama LoRA does not support")
+        problems.append(f"it targets {bad}, which vLLM's LoRA does not support (it applies adapters to the 7 "
+                        "attention and MLP projections)")
     if problems:
         raise PreflightError(f"{adapter.path}: " + "; ".join(problems) + ". Serve the merged model instead: "
                              f"kit export {run_dir} --to merged16, then kit serve {run_dir} --merged.")
@@ -86,8 +94,10 @@ def check(run_dirs: list[Path], merged: bool = False, base: Optional[str] = None
         folder = runs[0].merged16
         if not (folder / "config.json").is_file():
             raise PreflightError(f"{folder}: no merged export; write it with: kit export {runs[0].path} --to merged16")
+        stopping = stopping_config(str(folder), base_config(str(folder)), folder_chat_format(folder))
         return ServeSpec(base=str(folder), tokenizer=str(folder), fp8=fp8, kv_cache_dtype=kv_cache_dtype,
-                         max_model_len=max_model_len or runs[0].trained_length(), log=runs[0].serve_merged_log)
+                         max_model_len=max_model_len or runs[0].trained_length(), generation_config=stopping,
+                         log=runs[0].serve_merged_log)
     adapters = []
     for i, run in enumerate(runs):
         adapter = read_adapter(run.path)
@@ -102,6 +112,7 @@ def check(run_dirs: list[Path], merged: bool = False, base: Optional[str] = None
                              "one base: start one server per base.")
     served = base or bases.pop()
     notes = list(dict.fromkeys(a.adapter.note for a in adapters if a.adapter.note))
+    fmt = served_chat_format(adapters)
     cfg = base_config(served)
     for a in adapters:
         a.adapter.check_fits(cfg, served)
@@ -129,7 +140,92 @@ def check(run_dirs: list[Path], merged: bool = False, base: Optional[str] = None
                      "compare the answers with: kit verify RUN --url URL --model NAME.")
     return ServeSpec(base=served, tokenizer=str(adapters[0].adapter.path), adapters=adapters, max_lora_rank=rank,
                      max_loras=slots, max_cpu_loras=cached, runtime_adapters=runtime_adapters, fp8=fp8,
-                     kv_cache_dtype=kv_cache_dtype, max_model_len=length, notes=notes, log=runs[0].serve_log)
+                     kv_cache_dtype=kv_cache_dtype, max_model_len=length,
+                     generation_config=stopping_config(served, cfg, fmt), notes=notes, log=runs[0].serve_log)
+
+
+class SavedTokenizer:
+    """What kit.template.chat_format reads of a tokenizer (its chat template, eos token and the ids of its special
+    tokens), read from the files a tokenizer was saved to: the preflight answers in a second, without importing
+    transformers."""
+
+    def __init__(self, folder: Path):
+        config = _json(folder / "tokenizer_config.json") or {}
+        jinja = folder / "chat_template.jinja"
+        template = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        self.chat_template: Optional[str] = template
+        eos = config.get("eos_token")
+        self.eos_token: Optional[str] = eos.get("content") if isinstance(eos, dict) else eos
+        data = _json(folder / "tokenizer.json") or {}
+        vocab = (data.get("model") or {}).get("vocab") or {}
+        self._vocab = dict(vocab) if isinstance(vocab, dict) else {piece[0]: i for i, piece in enumerate(vocab)}
+        self._vocab.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._vocab
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def folder_chat_format(folder: Path) -> Optional[ChatFormat]:
+    """The chat format of the tokenizer saved in an adapter folder or a merged export (the run's: its template and
+    stop tokens); None for a folder without a tokenizer (vLLM then says what it lacks)."""
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    return chat_format(SavedTokenizer(folder))
+
+
+def served_chat_format(adapters: list[ServedAdapter]) -> Optional[ChatFormat]:
+    """The chat format vLLM serves: the first adapter's tokenizer is its --tokenizer, whose template renders every
+    request, whichever adapter it names. Adapters trained with another format are refused: their prompts would be
+    rendered otherwise than they were trained."""
+    formats = [(a, folder_chat_format(a.adapter.path)) for a in adapters]
+    first, fmt = formats[0]
+    for a, other in formats[1:]:
+        if other is not None and fmt is not None and (other.template, other.stop_ids) != (fmt.template, fmt.stop_ids):
+            raise PreflightError(
+                f"{first.name} and {a.name} were trained with different chat formats ({first.name}: "
+                f"{fmt.describe()}; {a.name}: {other.describe()}, another template or stop tokens): one vLLM server "
+                "renders every request with one chat template, its tokenizer's. Serve them on two servers (kit serve "
+                "RUN_A --port 8000; kit serve RUN_B --port 8001).")
+    return fmt
+
+
+def base_generation_config(base: str, cfg: dict) -> dict:
+    """The base's generation_config.json, as vLLM reads it with --generation-config auto (its config.json's token
+    ids where it has none)."""
+    local = Path(base).expanduser()
+    try:
+        if local.is_dir():
+            return json.loads((local / "generation_config.json").read_text())
+        from huggingface_hub import hf_hub_download
+        return json.loads(Path(hf_hub_download(base, "generation_config.json", token=env.hf_token())).read_text())
+    except Exception:  # none (or not readable): vLLM then reads the token ids of config.json
+        return {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+
+
+def stopping_config(base: str, cfg: dict, fmt: Optional[ChatFormat]) -> Optional[dict]:
+    """The generation config that makes vLLM stop base + adapter's answers at every stop token of the run's chat
+    format, as kit ask, kit verify and the merged export do: the base's own, with the stop ids it lacks added to
+    its eos_token_id (vLLM stops at those and at the tokenizer's eos). None when the base's own has them all
+    (Llama 3.1 Instruct's stops at its three, a merged export at its run's; SmolLM2's at <|im_end|>, not at
+    <|endoftext|>)."""
+    if fmt is None or not fmt.stop_ids:
+        return None
+    own = base_generation_config(base, cfg)
+    eos = own.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    missing = [i for i in fmt.stop_ids if i not in eos]
+    if not missing:
+        return None
+    return {**own, "eos_token_id": eos + missing}
 
 
 def lora_rank(rank: int, asked: Optional[int] = None) -> int:

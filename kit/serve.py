@@ -14,7 +14,9 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import hashlib
 import importlib.util
+import json
 import os
 import shlex
 import signal
@@ -31,6 +33,7 @@ from typing import Optional
 
 from kit import env, preflight
 from kit.errors import PreflightError
+from kit.io import atomic_write_text
 from kit.memory import base_model_config, weights_gib
 from kit.preflight import ServeSpec
 from kit.serve_guard import end_group
@@ -47,7 +50,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's KV-cache typ
 # vLLM options that kit serve derives itself, with what sets them instead; after `--` they would contradict it.
 # command() writes no other flag (tests/test_serve_options.py holds it to that).
 KIT_SETS = {"--model": "the run directories (or --base)", "--tokenizer": "the run directories",
-            "--generation-config": "kit serve (auto: the model's own generation_config.json)",
+            "--generation-config": "kit serve (the model's own generation_config.json, with the run's stop tokens)",
             "--enable-lora": "the run directories (their adapters)", "--lora-modules": "the run directories and --name",
             "--api-key": "kit serve --api-key-env", "--quantization": "kit serve --fp8", "-q": "kit serve --fp8",
             "-tp": "kit serve --tensor-parallel-size",
@@ -140,9 +143,14 @@ def check_tensor_parallel(spec: ServeSpec, python: str) -> None:
     model = base_model_config(spec.base, network=True)
     if model is None:
         return  # vLLM checks the shape itself once it has the config
-    if model["num_attention_heads"] % n:
-        raise PreflightError(f"--tensor-parallel-size {n}: the model's {model['num_attention_heads']} attention heads "
-                             "do not split evenly; use a size that divides them (2, 4 or 8 for Llama 3.1 8B).")
+    heads = model["num_attention_heads"]
+    kv = model.get("num_key_value_heads") or heads
+    if heads % n or (kv % n and n % kv):  # vLLM splits the query heads, and splits or replicates the KV heads
+        sizes = [d for d in range(2, heads + 1) if not heads % d and not (kv % d and d % kv)][:4]
+        raise PreflightError(f"--tensor-parallel-size {n}: the model's {heads} attention heads ({kv} key/value "
+                             f"heads) do not split evenly over {n} GPUs; use "
+                             + (f"a size that splits them: {', '.join(map(str, sizes))}." if sizes else
+                                "one GPU: this model's heads split over no other number."))
     share = weights_gib(model, 1 if spec.fp8 else 2) / n
     smallest = min(int(b) for b in found[1:]) / 2**30
     if share > TP_WEIGHTS_SHARE * smallest:
@@ -181,8 +189,9 @@ def command(spec: ServeSpec, host: str, port: int, api_key_env: str,
     python = vllm_python()
     check_fp8(spec, python)
     check_tensor_parallel(spec, python)
+    generation = str(generation_config_folder(spec.generation_config)) if spec.generation_config else "auto"
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", spec.base, "--tokenizer",
-           spec.tokenizer, "--host", host, "--port", str(port), "--generation-config", "auto"]
+           spec.tokenizer, "--host", host, "--port", str(port), "--generation-config", generation]
     if spec.max_model_len:
         cmd += ["--max-model-len", str(spec.max_model_len)]
     if spec.fp8:
@@ -214,6 +223,21 @@ def command(spec: ServeSpec, host: str, port: int, api_key_env: str,
         if tuned_lora_configs():
             child_env.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(TUNED_LORA_CONFIGS))  # a folder of the user's wins
     return cmd, child_env
+
+
+def generation_config_folder(config: dict) -> Path:
+    """A folder holding `config` as generation_config.json, for vLLM's --generation-config: in the temporary
+    folder, named by its content (the same config reuses it; it outlives kit serve for a --dry-run's command)."""
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    folder = Path(tempfile.gettempdir()) / f"kit-generation-config-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    target = folder / "generation_config.json"
+    try:
+        if not (target.is_file() and target.read_text() == text):
+            atomic_write_text(target, text)
+    except OSError:  # another user's folder of that name: one of our own
+        target = Path(tempfile.mkdtemp(prefix="kit-generation-config-")) / "generation_config.json"
+        target.write_text(text)
+    return target.parent
 
 
 SHOWN_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_LORA_ENABLE_DUAL_STREAM",

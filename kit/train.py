@@ -1,4 +1,5 @@
-"""Training: TRL's SFTConfig from the config, the trainer with the kit's callbacks, and the run of it.
+"""Training: TRL's SFTConfig (or DPOConfig, ORPOConfig: train.method) from the config, the trainer with the kit's
+callbacks, and the run of it.
 
 Behind the import boundary (see kit.backend): the recipe imports this module once the backend is
 active, so the transformers, TRL and PEFT imported here carry Unsloth's patches when Unsloth trains.
@@ -19,8 +20,9 @@ from peft import PeftModel
 from torch.utils.tensorboard import SummaryWriter
 from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer
 from transformers.integrations import TensorBoardCallback
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from kit import trackers
 from kit.backend import Backend, Kernels, kernels
@@ -30,6 +32,7 @@ from kit.data import TrainingData
 from kit.heldout import held_out
 from kit.model import load_model
 from kit.plan import Execution, Plan, execution, make_plan
+from kit.preference import REFERENCE, held_out_pairs, preference_accuracy
 from kit.rundir import RunDir, tokens_seen
 
 log = logging.getLogger("kit")
@@ -49,6 +52,8 @@ class Trained:
     peak_gib: float
     peak_kind: str
     kernels: Kernels
+    preference: Optional[dict] = None
+    """DPO, ORPO: the held-out preference accuracy (kit.preference.preference_accuracy)."""
 
 
 def plan(cfg: Config, backend: Backend, data: TrainingData, devices: int = 1) -> Plan:
@@ -58,19 +63,47 @@ def plan(cfg: Config, backend: Backend, data: TrainingData, devices: int = 1) ->
     if cfg.train.packing:
         examples = len(pack_dataset(data.train.dataset, cfg.model.max_seq_length, strategy="bfd"))
     steps = make_plan(cfg, examples, len(data.eval.dataset) if data.eval else 0, devices, data.train.mean_tokens)
-    how = execution(cfg, [len(ids) for ids in data.train.dataset["input_ids"]], cuda=backend.device.cuda,
-                    card_gib=backend.device.memory_gib, steps=steps.total_steps, devices=devices)
+    if cfg.train.method == "sft":
+        lengths = [len(ids) for ids in data.train.dataset["input_ids"]]
+    else:  # a pair's two padded rows (chosen and rejected): kit.preference
+        lengths = list(data.train.dataset["tokens"])
+    how = execution(cfg, lengths, cuda=backend.device.cuda, card_gib=backend.device.memory_gib,
+                    steps=steps.total_steps, devices=devices)
     return dataclasses.replace(steps, execution=how)
+
+
+def method_record(cfg: Config) -> dict:
+    """The manifest's lines about the training method."""
+    t = cfg.train
+    if t.method == "sft":
+        return {"method": "sft"}
+    record = {"method": t.method, "beta": t.beta, "reference": REFERENCE[t.method]}
+    return {**record, "loss_type": t.loss_type or "sigmoid"} if t.method == "dpo" else record
 
 
 def sft_config(cfg: Config, backend: Backend, run: RunDir, how: Execution) -> SFTConfig:
     """train.* passes through by name (TrainConfig.training_arguments); the rest is the kit's choice."""
+    return SFTConfig(**_arguments(cfg, backend, run, how), padding_free=how.padding_free)
+
+
+def preference_config(cfg: Config, backend: Backend, run: RunDir, how: Execution):
+    """DPOConfig (beta, loss_type) or ORPOConfig (beta) with the same arguments as SFT's."""
+    t = cfg.train
+    cls = ORPOConfig if t.method == "orpo" else DPOConfig
+    known = {f.name for f in dataclasses.fields(cls)}  # SFT's own (packing) have no meaning here
+    args = {k: v for k, v in _arguments(cfg, backend, run, how).items() if k in known}
+    if t.method == "orpo":
+        return ORPOConfig(**args, beta=t.beta)
+    return DPOConfig(**args, beta=t.beta, loss_type=[t.loss_type or "sigmoid"], padding_free=False)
+
+
+def _arguments(cfg: Config, backend: Backend, run: RunDir, how: Execution) -> dict:
     t = cfg.train
     early = t.early_stopping_patience is not None
     split = dict(per_device_train_batch_size=how.batch, gradient_accumulation_steps=how.grad_accum)
-    return SFTConfig(
+    return dict(
         **{**t.training_arguments(), **split}, output_dir=str(run.checkpoints), data_seed=t.seed,
-        train_sampling_strategy=how.sampling, padding_free=how.padding_free,
+        train_sampling_strategy=how.sampling,
         warmup_steps=t.warmup_steps if t.warmup_steps is not None else (t.warmup_ratio or 0.0),  # < 1: a ratio
         bf16=backend.precision == "bf16", fp16=backend.precision == "fp16", use_cpu=not backend.device.cuda,
         gradient_checkpointing=False,  # the backend enabled its own variant
@@ -88,7 +121,8 @@ def build_trainer(cfg: Config, backend: Backend, model, tokenizer, data: Trainin
     t = cfg.train
     # the writer creates its event file as it is made: on rank 0 alone
     writer = SummaryWriter(str(run.tensorboard)) if "tensorboard" in t.trackers and backend.world.main else None
-    samples = held_out(data.eval.dataset, tokenizer, t.sample_prompts) if data.eval and t.sample_prompts else []
+    pick = held_out if t.method == "sft" else held_out_pairs
+    samples = pick(data.eval.dataset, tokenizer, t.sample_prompts) if data.eval and t.sample_prompts else []
     callbacks = [RunRecord(record), TrackerRecord(t.trackers, run, writer), MetricsFile(run.metrics),
                  SampleAnswers(samples, t.sample_max_new_tokens, run.metrics, t.trackers, writer,
                                unsloth=backend.unsloth is not None),
@@ -97,10 +131,12 @@ def build_trainer(cfg: Config, backend: Backend, model, tokenizer, data: Trainin
         callbacks.append(TensorBoardCallback(tb_writer=writer))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
-    common = dict(model=model, args=sft_config(cfg, backend, run, how), processing_class=tokenizer,
-                  train_dataset=data.train.dataset, eval_dataset=data.eval.dataset if data.eval else None,
-                  callbacks=callbacks)
-    if backend.name == "hf" and not backend.device.cuda:
+    args = sft_config(cfg, backend, run, how) if t.method == "sft" else preference_config(cfg, backend, run, how)
+    common = dict(model=model, args=args, processing_class=tokenizer, train_dataset=data.train.dataset,
+                  eval_dataset=data.eval.dataset if data.eval else None, callbacks=callbacks)
+    if t.method != "sft":
+        trainer = _preference_trainer(t.method, backend, model, common)
+    elif backend.name == "hf" and not backend.device.cuda:
         # TRL's loss runs a Triton kernel (its fused LM head) that needs a GPU; on CPU the HF backend trains the
         # same tokenized, masked examples with transformers' Trainer (Unsloth's CPU path patches TRL itself).
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -111,6 +147,20 @@ def build_trainer(cfg: Config, backend: Backend, model, tokenizer, data: Trainin
         for p in trainer.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+    return trainer
+
+
+def _preference_trainer(method: str, backend: Backend, model, common: dict) -> Trainer:
+    """TRL's DPOTrainer (Unsloth's patched one on CUDA) or ORPOTrainer, on the PEFT model. DPO's reference is the
+    base with the adapter disabled: TRL, given a PeftModel and no reference, adds a frozen copy of the fresh
+    adapter ("ref", whose LoRA B is zero: the base itself), which is removed here, so that TRL disables the
+    adapter for the reference forward and no copy is trained around or saved."""
+    if backend.unsloth is not None and backend.device.cuda:
+        backend.unsloth.PatchDPOTrainer()
+    trainer = (ORPOTrainer if method == "orpo" else DPOTrainer)(**common)
+    if method == "dpo" and "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+        model.set_adapter("default")
     return trainer
 
 
@@ -126,7 +176,7 @@ def train(cfg: Config, backend: Backend, tokenizer, data: TrainingData, run: Run
     model = load_model(cfg, base, backend, checkpointing=bool(how.checkpointing))
     alarm = OverfitAlarm(cfg.train.overfit_patience)
     trainer = build_trainer(cfg, backend, model, tokenizer, data, run, alarm, how, record)
-    used = kernels(backend, how.padding_free, fused_head=isinstance(trainer, SFTTrainer))
+    used = kernels(backend, how.padding_free, fused_head=isinstance(trainer, (SFTTrainer, DPOTrainer)))
     log.info(f"attention: {used.attention}; loss: {used.loss}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the training peak, not the load's
@@ -139,6 +189,12 @@ def train(cfg: Config, backend: Backend, tokenizer, data: TrainingData, run: Run
         peak_gib, peak_kind = torch.cuda.max_memory_allocated() / 2**30, "GPU, allocated"
     else:
         peak_gib, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
+    preference = None
+    if cfg.train.method != "sft" and data.eval is not None and backend.world.main:
+        preference = preference_accuracy(trainer.model, tokenizer, data.eval.dataset, cfg.train.method)
+        log.info(f"held-out preference accuracy {preference['accuracy']:.3f} over {preference['pairs']} pairs "
+                 f"(start: 0; raw log-probs prefer chosen: base {preference['base_logprob_accuracy']:.3f}, trained "
+                 f"{preference['policy_logprob_accuracy']:.3f})")
     return Trained(model=trainer.model, steps=trainer.state.global_step, seconds=seconds,
                    tokens=trainer.state.num_input_tokens_seen - seen, alarms=alarm.alarms,
-                   peak_gib=peak_gib, peak_kind=peak_kind, kernels=used)
+                   peak_gib=peak_gib, peak_kind=peak_kind, kernels=used, preference=preference)

@@ -17,6 +17,7 @@ A failing server row names the likely cause.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -25,8 +26,9 @@ from kit import env
 from kit.adapters import Api, v1
 from kit.errors import ServerError
 from kit.gguf import load_llama_cpp
-from kit.llama import PAD_ID, STOP_TOKEN_IDS
+from kit.llama import STOP_TOKEN_IDS
 from kit.rundir import RunDir
+from kit.template import chat_format
 
 if TYPE_CHECKING:
     import numpy
@@ -62,11 +64,13 @@ class Reference:
     ids: list[int]
     continuation: list[int]
     logits: numpy.ndarray  # one row per position of prompt + continuation
+    stops: tuple[int, ...] = tuple(STOP_TOKEN_IDS)
+    """The run's stop ids (its chat format's; verify passes them, a Reference made by hand has Llama 3.1's)."""
 
     def near_tie(self, n: int, token: Optional[int]) -> bool:
         """Whether `token` (None: a stop token) scored within TIE_NATS of the continuation's token n."""
         row = self.logits[len(self.ids) - 1 + n]
-        other = max(row[t] for t in STOP_TOKEN_IDS) if token is None else row[token]
+        other = max(row[t] for t in self.stops) if token is None else row[token]
         return float(row[self.continuation[n]] - other) < TIE_NATS
 
 
@@ -89,26 +93,32 @@ def agreement(ref: list[int], got: list[int]) -> float:
     return matched(ref, got) / max(len(ref), 1)
 
 
-def hf_run(model, ids: list[int], max_new: int, ref_seq: list[int] | None = None) -> tuple[list[int], object]:
+def hf_run(model, ids: list[int], max_new: int, ref_seq: list[int] | None = None,
+           stops: Optional[Sequence[int]] = None, pad: Optional[int] = None) -> tuple[list[int], object]:
     """Greedy continuation (stop token included) and the logits over `ref_seq` (default: prompt + this
-    continuation), so that every target's logits are compared on the same tokens."""
+    continuation), so that every target's logits are compared on the same tokens. stops, pad: the run's stop ids
+    and pad id (chat_format of its tokenizer); None: the model's generation config's."""
     import torch
     with torch.no_grad():
         prompt = torch.tensor([ids], device=model.device)
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new,
-                             do_sample=False, eos_token_id=STOP_TOKEN_IDS, pad_token_id=PAD_ID)
+                             do_sample=False, eos_token_id=None if stops is None else list(stops), pad_token_id=pad)
         seq = out[0].tolist()
         logits = model(input_ids=torch.tensor([ref_seq or seq], device=model.device)).logits[0].float().cpu().numpy()
     return seq[len(ids):], logits
 
 
-def gguf_run(llm, ids: list[int], max_new: int, ref_seq: list[int]) -> tuple[list[int], object]:
+def gguf_run(llm, ids: list[int], max_new: int, ref_seq: list[int],
+             stops: Optional[Sequence[int]] = None) -> tuple[list[int], object]:
+    """llama.cpp's greedy continuation (stop token included; stops: the run's stop ids, None: the GGUF's eos) and
+    its logits over `ref_seq`."""
     import numpy as np
+    stops = (llm.token_eos(),) if stops is None else tuple(stops)
     llm.reset()
     got = []
     for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
         got.append(tok)
-        if tok in STOP_TOKEN_IDS or len(got) >= max_new:
+        if tok in stops or len(got) >= max_new:
             break
     llm.reset()
     llm.eval(ref_seq)
@@ -138,22 +148,23 @@ def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] =
     run = RunDir(Path(run_dir))
     llama_cpp = load_llama_cpp(f"kit verify of {run.path}'s GGUF exports") if run.gguf_files() else None
     ref_model, tok = load_adapter_model(run.path)
+    stops, pad = chat_format(tok).stop_ids, tok.pad_token_id  # the run's chat format
     refs = []
     for p in prompts:
         ids = prompt_ids(tok, p)
-        refs.append(Reference(ids, *hf_run(ref_model, ids, max_new)))
+        refs.append(Reference(ids, *hf_run(ref_model, ids, max_new, stops=stops, pad=pad), stops))
     results = []
     if (run.merged16 / "config.json").is_file():
         m = AutoModelForCausalLM.from_pretrained(run.merged16, dtype=torch.float32, **on_gpu(str(run.merged16))).eval()
-        results.append(_compare("merged16", refs, lambda ids, seq: hf_run(m, ids, max_new, seq)))
+        results.append(_compare("merged16", refs, lambda ids, seq: hf_run(m, ids, max_new, seq, stops, pad)))
         del m  # its memory, before the GGUF files and the server's answers
     for gguf_file in run.gguf_files():
         llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=1024, logits_all=True, verbose=False)
         results.append(_compare(gguf_file.parent.name, refs,
-                                lambda ids, seq, llm=llm: gguf_run(llm, ids, max_new, seq)))
+                                lambda ids, seq, llm=llm: gguf_run(llm, ids, max_new, seq, stops)))
     if url:
         with ref_model.disable_adapter():  # the base alone: what the adapter changes
-            bases = [Reference(r.ids, *hf_run(ref_model, r.ids, max_new)) for r in refs]
+            bases = [Reference(r.ids, *hf_run(ref_model, r.ids, max_new, stops=stops, pad=pad), stops) for r in refs]
         results += _server(url, model_name, tok, prompts, refs, bases, max_new)
     return results
 
@@ -165,14 +176,14 @@ def _compare(target: str, refs: list[Reference], run_one) -> Result:
         got, lg = run_one(r.ids, r.ids + r.continuation)
         agrees.append(agreement(r.continuation, got))
         diffs.append(float(abs(lg - r.logits).max()))
-        stops.append(got[-1] in STOP_TOKEN_IDS or r.continuation[-1] not in STOP_TOKEN_IDS)
+        stops.append(got[-1] in r.stops or r.continuation[-1] not in r.stops)
     return _judge(target, agrees, diffs, stops)
 
 
 def _tie_aware(ref: Reference, got: list[int]) -> tuple[float, bool]:
     """(agreement of a server's answer with the reference's text, whether it parts from it at a near-tie: its
     token there, or its stop, scored within TIE_NATS of the reference's)."""
-    text = _text(ref.continuation)
+    text = _text(ref.continuation, ref.stops)
     n = matched(text, got)
     if n == len(text) and (text or not got):
         return 1.0, False
@@ -199,7 +210,7 @@ def _server(url, model_name, tok, prompts, refs: list[Reference], bases: list[Re
         agree, tie = _tie_aware(ref, a.tokens)
         agrees.append(agree)
         ties.append(tie)
-        stops.append(a.stopped or ref.continuation[-1] not in STOP_TOKEN_IDS or tie)  # a tie may run on
+        stops.append(a.stopped or ref.continuation[-1] not in ref.stops or tie)  # a tie may run on
         answers.append(a)
     result = _judge(f"server:{model_name}", agrees, [], stops, ties)
     template = _template_problem(answers, refs)
@@ -209,7 +220,8 @@ def _server(url, model_name, tok, prompts, refs: list[Reference], bases: list[Re
             result.problem = template
         return [result]
     served_base = [answer(base, p).tokens for p in prompts]
-    changed = [i for i, (r, b) in enumerate(zip(refs, bases)) if _text(r.continuation) != _text(b.continuation)]
+    changed = [i for i, (r, b) in enumerate(zip(refs, bases))
+               if _text(r.continuation, r.stops) != _text(b.continuation, b.stops)]
     share = sum(answers[i].tokens != served_base[i] for i in changed) / len(changed) if changed else 0.0
     effect = Result(f"server:{model_name} vs base", share, None, None,
                     bool(changed) and share >= THRESHOLDS["adapter effect"][0], "adapter effect")
@@ -238,7 +250,8 @@ def served_answer(response, tok) -> Answer:
     """An OpenAI chat completion as an Answer (vLLM's token ids are extra fields of the response)."""
     choice = response.choices[0]
     ids = getattr(choice, "token_ids", None)
-    tokens = _text(ids) if ids is not None else tok.encode(choice.message.content or "", add_special_tokens=False)
+    tokens = (_text(ids, chat_format(tok).stop_ids) if ids is not None
+              else tok.encode(choice.message.content or "", add_special_tokens=False))
     return Answer(tokens, choice.finish_reason == "stop", getattr(response, "prompt_token_ids", None))
 
 
@@ -255,9 +268,9 @@ def _template_problem(answers: list[Answer], refs: list[Reference]) -> Optional[
     return None
 
 
-def _text(continuation: list[int]) -> list[int]:
+def _text(continuation: list[int], stops: Sequence[int]) -> list[int]:
     """A greedy continuation as a server returns it: its text's tokens, without the stop token."""
-    return [t for t in continuation if t not in STOP_TOKEN_IDS]
+    return [t for t in continuation if t not in stops]
 
 
 def _cause(name: str, base: str, changes_locally: bool, base_agreement: float, share: float,

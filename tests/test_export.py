@@ -12,6 +12,7 @@ import torch
 from kit import export as ex
 from kit.infer import load_adapter_model
 from kit.llama import EOT_ID, STOP_TOKEN_IDS
+from kit.template import chat_format
 from kit.verify import gguf_run, hf_run, prompt_ids
 from tests.helpers import decided_tokens, question, top1_margin, train_rows
 
@@ -48,12 +49,13 @@ def _greedy_pairs(llm, reference, prompts, tolerance):
     """(transformers' greedy tokens, llama.cpp's) for the three trained questions, each cut before the
     reference's first near-tie."""
     ref_model, tok = reference
+    stops = chat_format(tok).stop_ids
     pairs = []
     for p in prompts[:3]:
         ids = prompt_ids(tok, p)
-        cont, logits = hf_run(ref_model, ids, 48)
+        cont, logits = hf_run(ref_model, ids, 48, stops=stops, pad=tok.pad_token_id)
         n = decided_tokens(logits, len(ids), cont, tolerance)
-        pairs.append((cont[:n], gguf_run(llm, ids, 48, ids + cont)[0][:n]))
+        pairs.append((cont[:n], gguf_run(llm, ids, 48, ids + cont, stops)[0][:n]))
     return pairs
 
 
@@ -83,11 +85,11 @@ def test_merged16_is_a_plain_model_with_equal_logits(exported, reference, prompt
 def test_f16_gguf_in_llama_cpp_matches_transformers_and_stops(exported, reference, prompts):
     ref_model, tok = reference
     llm = _gguf(exported, "gguf-f16", logits_all=True)
-    tol = TOLERANCE["gguf-f16"]
+    tol, stops = TOLERANCE["gguf-f16"], chat_format(tok).stop_ids
     for i, p in enumerate(prompts):
         ids = prompt_ids(tok, p)
-        cont, logits = hf_run(ref_model, ids, 48)
-        got, lg = gguf_run(llm, ids, 48, ids + cont)
+        cont, logits = hf_run(ref_model, ids, 48, stops=stops, pad=tok.pad_token_id)
+        got, lg = gguf_run(llm, ids, 48, ids + cont, stops)
         n = decided_tokens(logits, len(ids), cont, tol)
         assert got[:n] == cont[:n], p  # the same greedy tokens, the stop token included
         assert float(np.abs(lg - logits).max()) < tol
@@ -128,7 +130,7 @@ def test_q8_0_agrees_on_first_tokens_and_q4_k_m_generates(exported, reference, p
         assert got[:3] == want[:3]
     tok = reference[1]
     ids = prompt_ids(tok, prompts[0])
-    got, _ = gguf_run(_gguf(exported, "gguf-q4_k_m"), ids, 16, ids)
+    got, _ = gguf_run(_gguf(exported, "gguf-q4_k_m"), ids, 16, ids, chat_format(tok).stop_ids)
     assert got and all(0 <= t < 128256 for t in got)
 
 

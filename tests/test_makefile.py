@@ -1,6 +1,6 @@
 """What each make target sets up before it runs (make -n -B: every step it would take, none taken): the demo waits
-only for the training environment; the tests for everything; serving for the serving environment. And what the
-installer shows while pip works."""
+only for the training environment and lm-eval (no llama.cpp, no vLLM); the tests for everything; serving for the
+serving environment. And what the installer shows while pip works."""
 import importlib.util
 import subprocess
 
@@ -11,6 +11,7 @@ from tests.helpers import ROOT
 TRAIN = "requirements/install.py .venv requirements/cpu-train.txt"
 EXTRAS = "requirements/install.py .venv requirements/cpu-extras.txt"
 SERVE = "requirements/install.py .venv-serve requirements/cpu-serve.txt"
+EVAL = "requirements/install.py .venv .venv/kit-eval.txt"  # kit eval's part of cpu-extras.txt
 
 
 def _steps(target: str) -> str:
@@ -19,7 +20,7 @@ def _steps(target: str) -> str:
 
 
 @pytest.mark.parametrize("target, installs, leaves_out", [
-    ("demo", [TRAIN], [EXTRAS, SERVE]),
+    ("demo", [TRAIN, EVAL], [EXTRAS, SERVE]),
     ("test", [TRAIN, EXTRAS, SERVE], []),
     ("serve", [TRAIN, SERVE], [EXTRAS]),
     ("setup-extras", [TRAIN, EXTRAS], [SERVE]),
@@ -32,10 +33,20 @@ def test_a_target_installs_what_it_needs_and_no_more(target, installs, leaves_ou
         assert install not in steps, (target, install)
 
 
-def test_the_demo_trains_once_its_environment_is_ready():
+def test_the_demo_trains_the_smollm2_recipe_once_its_environment_is_ready_then_compares():
     steps = _steps("demo").splitlines()
-    train = steps.index(".venv/bin/python -m kit.recipes.llama31_sft --config demo run.overwrite=true")
-    assert steps.index("touch .venv/.kit-ready") < train
+    train = next(k for k, s in enumerate(steps)
+                 if s.startswith(".venv/bin/python -m kit.recipes.llama31_sft --config smollm2 run.overwrite=true"))
+    compare = next(k for k, s in enumerate(steps) if s.startswith(".venv/bin/python -m kit.cli compare runs/smollm2"))
+    assert steps.index("touch .venv/.kit-ready") < steps.index("touch .venv/.kit-eval") < train < compare
+
+
+def test_the_demos_part_of_the_extras_is_lm_eval_without_llama_cpp():
+    extract = next(s for s in _steps("demo").splitlines() if s.startswith("sed ")).split(" > ")[0]
+    pins = subprocess.run(extract, shell=True, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    names = {line.split("==")[0].lower() for line in pins.splitlines() if "==" in line}
+    assert {"lm_eval", "rouge_score", "evaluate", "sacrebleu"} <= names
+    assert not names & {"llama_cpp_python", "wandb", "mlflow-skinny"}
 
 
 def test_the_installer_shows_a_numbered_line_per_package_and_builds():

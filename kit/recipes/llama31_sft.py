@@ -6,7 +6,8 @@
     python -m kit.recipes.llama31_sft --plan                           # steps, checkpoints; no model
     python -m kit.recipes.llama31_sft --devices 2                      # 2 GPUs, one process each (torchrun)
 
---config names a recipe shipped in the kit (llama31_sft, demo) or a YAML file of your own.
+--config names a recipe shipped in the kit (llama31_sft, demo) or a YAML file of your own. train.method picks the
+trainer (sft; dpo and orpo on preference pairs: kit.recipes.dpo runs the same steps with the dpo recipe).
 Backends: Unsloth (default; its CUDA kernels, or its CPU fallback) or transformers + PEFT (model.backend=hf).
 The run directory runs/<run.name>/ receives config.yaml, manifest.json, metrics.jsonl (with sample answers),
 tensorboard/ (and wandb/ or mlflow.db: train.report_to), loss.png, checkpoints/ and the final PEFT adapter in
@@ -30,6 +31,7 @@ from kit.errors import ConfigError, KitError, exit_with
 from kit.export import export
 from kit.io import write_json
 from kit.plan import Plan, execution, make_plan
+from kit.preference import load_pairs
 from kit.rundir import RunDir, save_adapter
 from kit.template import chat_format, load_tokenizer
 from kit.tiny import build_random_model
@@ -37,10 +39,10 @@ from kit.tiny import build_random_model
 PROG = "python -m kit.recipes.llama31_sft"
 
 
-def parse_args(argv: list[str], prog: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str], prog: str, recipe: str = DEFAULT_RECIPE, doc: str = __doc__) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=f"a shipped recipe ({', '.join(shipped_recipes())}) or a recipe YAML file "
-                                    f"(default: {DEFAULT_RECIPE})")
+                                    f"(default: {recipe})")
     p.add_argument("--plan", action="store_true", help="print the step plan and exit; loads no model")
     p.add_argument("--examples", type=_count, help="with --plan: assume this many training examples (no data read)")
     p.add_argument("--devices", type=_count, metavar="N", help="train on N GPUs of this machine, one process each "
@@ -72,7 +74,8 @@ def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices:
     # the run directory once the model's chat format is known, before the data load; rank 0 creates it, the
     # others wait for it
     resume = None if plan_only else distributed.on_main(world, start_run, cfg, world.size)
-    data = distributed.main_first(world, load_data, cfg, tokenizer)
+    # the method's data: SFT's examples, or preference pairs (DPO, ORPO)
+    data = distributed.main_first(world, load_data if cfg.train.method == "sft" else load_pairs, cfg, tokenizer)
     plan = train.plan(cfg, backend, data, devices)  # training: devices is the world's size (main)
     if world.main:
         source = f"a mixture of {len(data.mixture)} sources" if data.mixture else cfg.data.path
@@ -87,7 +90,7 @@ def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices:
     if cfg.model.random_shape is not None:
         shape, seed = cfg.model.random_shape, cfg.model.random_seed
         base = str(distributed.on_main(world, build_random_model, shape, seed, run_dir.base_model).resolve())
-    record = report.manifest(cfg, backend, data, plan, base, chat)
+    record = {**report.manifest(cfg, backend, data, plan, base, chat), **train.method_record(cfg)}
     begin = functools.partial(rundir.begin, run_dir, to_yaml(cfg), {**record, "status": "training"}, resume)
 
     # ---------------------------------------------------------------- train
@@ -98,8 +101,15 @@ def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices:
     # ---------------------------------------------------------------- save (rank 0)
     adapter = save_adapter(trained.model, tokenizer, run_dir.adapter, base)
     result = report.finish(cfg, run_dir, backend, plan, trained, adapter, chat)
-    write_json(run_dir.manifest, {**record, "result": dataclasses.asdict(result), "overfit_alarms": trained.alarms})
+    preference = {"preference": trained.preference} if trained.preference is not None else {}
+    write_json(run_dir.manifest, {**record, "result": dataclasses.asdict(result), "overfit_alarms": trained.alarms,
+                                  **preference})
     print(report.summary(result))
+    if trained.preference is not None:
+        p = trained.preference
+        print(f"held-out preference accuracy: {p['accuracy']:.3f} over {p['pairs']} pairs (start: 0; reference: "
+              f"{p['reference']}); raw log-probs prefer chosen: base {p['base_logprob_accuracy']:.3f}, trained "
+              f"{p['policy_logprob_accuracy']:.3f}")
     for fmt in cfg.export.formats:
         print(f"exported {fmt} to {export(run_dir.path, fmt, cfg.export.gguf_quant)}")
 
@@ -143,17 +153,22 @@ def plan_without_data(cfg: Config, examples: int, devices: int = 1) -> Plan:
     return dataclasses.replace(steps, execution=how)
 
 
-def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG, recipe: str = DEFAULT_RECIPE,
+         methods: tuple[str, ...] = ("sft", "dpo", "orpo"), doc: str = __doc__) -> int:
+    """The command: `recipe` when --config is not given; `methods`: the train.method values it trains."""
     world = distributed.world()
     # rank 0 speaks for the run: the other ranks log only errors
     logging.basicConfig(level=logging.INFO if world.main else logging.ERROR, format="%(levelname)s kit: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv, prog)
+    args = parse_args(argv, prog, recipe, doc)
     if args.help_config:
         print(describe())
         return 0
     try:
-        cfg = load_config(args.config or DEFAULT_RECIPE, args.overrides)
+        cfg = load_config(args.config or recipe, args.overrides)
+        if cfg.train.method not in methods:
+            raise ConfigError(f"train.method={cfg.train.method}: {prog} trains {' or '.join(methods)}; set "
+                              f"train.method={methods[0]}, or use python -m kit.recipes.llama31_sft.")
         devices = args.devices or world.size
         if world.size > 1 and devices != world.size:
             raise ConfigError(f"--devices {devices}: this process is one of {world.size} that the launcher started; "
@@ -161,7 +176,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         if args.plan and args.examples is not None:
             print(plan_without_data(cfg, args.examples, devices).render())
         elif devices > world.size and not args.plan:
-            launch(cfg, devices, argv)
+            # the processes run this module: they are told the recipe this command defaults to
+            launch(cfg, devices, argv if args.config or recipe == DEFAULT_RECIPE else ["--config", recipe, *argv])
         else:
             run(cfg, world, plan_only=args.plan, devices=devices)
     except KitError as e:

@@ -1,0 +1,111 @@
+"""Preference training (train.method dpo, orpo) on the real small model, SmolLM2-135M-Instruct, on CPU: bad pairs,
+ORPO, the pairs' formats and the shipped Korean pairs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kit.config import load_config
+from kit.data import PAIRS, PAIRS_FILE, SAMPLE_FILE, load_rows
+from kit.errors import ConfigError, DataError
+from kit.preference import prepare_pairs
+
+COMMON = dict(system_prompt=None, max_len=256, overlong="drop")
+
+
+def run_dpo(args, cwd, timeout=1500):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "kit.recipes.dpo", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bad_pairs_exit_2_with_one_message_each_and_nothing_written(tmp_path):
+    good = {"instruction": "하늘은 무슨 색인가요?", "input": "", "chosen": "파란색입니다.", "rejected": "초록색입니다."}
+    rows = [good] * 3 + [
+        {"instruction": "물은 몇 도에서 끓나요?", "input": "", "chosen": "100도입니다.", "rejected": "100도입니다."},
+        {"instruction": "1 더하기 1은?", "input": "", "chosen": "2입니다.", "rejected": " "},
+        {"instruction": "2 더하기 2는?", "input": "", "chosen": "", "rejected": "5입니다."},
+    ] + [good] * 4
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    runs = tmp_path / "runs"
+    res = run_dpo(["--config", "dpo_demo", f"data.path={data}", f"run.output_dir={runs}", "data.eval_ratio=0",
+                   "train.eval_strategy=no"], tmp_path, timeout=600)
+    assert res.returncode == 2, res.stderr[-3000:]
+    err = res.stderr
+    assert f"{data}, line 4: chosen equals rejected" in err
+    assert f"{data}, line 5: rejected is empty" in err
+    assert f"{data}, line 6: chosen is empty" in err
+    assert "3 problem(s)" in err and "Traceback" not in err
+    assert not any(p.is_file() for p in runs.rglob("*"))  # no config, manifest, checkpoint or adapter
+
+
+def test_missing_columns_name_the_columns_and_the_fix(tmp_path, tokenizer):
+    data = tmp_path / "sft.jsonl"
+    data.write_text(SAMPLE_FILE.read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(DataError, match=r"needs the columns chosen and rejected; chosen and rejected are missing "
+                                        r"\(the columns are \['input', 'instruction', 'output'\]\).*train\.method=sft"):
+        prepare_pairs(load_rows(str(data)), tokenizer, source=str(data), **COMMON)
+
+
+def test_pair_formats_render_alike(tmp_path, tokenizer):
+    """LLaMA-Factory's alpaca form, TRL's explicit prompt (text and messages) and its implicit prompt give the same
+    pair; a pair over max_seq_length is dropped."""
+    q, good, bad = "하늘은 무슨 색인가요?", "파란색입니다.", "초록색입니다."
+    user, asst = {"role": "user", "content": q}, lambda a: {"role": "assistant", "content": a}
+    forms = [{"instruction": q, "input": "", "chosen": good, "rejected": bad},
+             {"prompt": q, "chosen": good, "rejected": bad},
+             {"prompt": [user], "chosen": [asst(good)], "rejected": [asst(bad)]},
+             {"chosen": [user, asst(good)], "rejected": [user, asst(bad)]}]
+    seen = []
+    for i, row in enumerate(forms):
+        f = tmp_path / f"f{i}.jsonl"
+        f.write_text(json.dumps(row, ensure_ascii=False) + "\n" + json.dumps({**row}, ensure_ascii=False) + "\n")
+        p = prepare_pairs(load_rows(str(f)), tokenizer, source=str(f), **COMMON)
+        seen.append({k: p.dataset[0][k] for k in ("prompt", "chosen", "rejected")})
+    assert all(s == seen[0] for s in seen), seen
+    assert seen[0]["chosen"] == good + "<|eot_id|>" and seen[0]["prompt"].endswith("assistant<|end_header_id|>\n\n")
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in
+                            [forms[0], {**forms[0], "chosen": "아주 " * 300}]))
+    p = prepare_pairs(load_rows(str(long)), tokenizer, source=str(long), **COMMON)
+    assert len(p.dataset) == 1 and p.dropped_overlong == [f"{long}, line 2"]
+
+
+def test_shipped_pairs_are_made_by_their_generator_and_differ():
+    from importlib.util import module_from_spec, spec_from_file_location
+    spec = spec_from_file_location("make_pairs", PAIRS_FILE.parent / "make_pairs.py")
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sample = [json.loads(line) for line in SAMPLE_FILE.read_text(encoding="utf-8").splitlines()]
+    shipped = [json.loads(line) for line in PAIRS_FILE.read_text(encoding="utf-8").splitlines()]
+    assert module.make_pairs(sample) == shipped and len(load_rows(PAIRS)) == len(sample)
+    assert all(p["chosen"] == s["output"] and p["rejected"] != p["chosen"] for p, s in zip(shipped, sample))
+
+
+def test_method_settings_are_validated():
+    with pytest.raises(ConfigError) as e:
+        load_config("dpo_demo", ["train.method=orpo", "train.loss_type=ipo", "train.beta=0"])
+    text = str(e.value)
+    assert "override 'train.loss_type=ipo': train.loss_type=ipo: ORPO has no loss variants" in text
+    assert "override 'train.beta=0': train.beta=0.0: must be > 0" in text
+    with pytest.raises(ConfigError, match=r"'kto' is not one of sft, dpo, orpo"):
+        load_config("dpo_demo", ["train.method=kto"])
+    with pytest.raises(ConfigError, match=r"train\.loss_type=hinge applies to preference training"):
+        load_config("smollm2", ["train.loss_type=hinge"])
+    assert load_config("dpo").train.method == "dpo" and load_config("llama31_sft").train.method == "sft"
+
+
+def test_orpo_trains_two_steps_without_a_reference(tmp_path):
+    runs = tmp_path / "runs"
+    res = run_dpo(["--config", "dpo_demo", "train.method=orpo", "train.max_steps=2", "data.max_examples=16",
+                   "train.per_device_train_batch_size=4", "data.eval_ratio=0", "train.eval_strategy=no",
+                   "train.logging_steps=1", f"run.output_dir={runs}"], tmp_path, timeout=900)
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    manifest = json.loads((runs / "dpo_demo" / "manifest.json").read_text())
+    assert manifest["method"] == "orpo" and manifest["reference"] == "none (ORPO)"
+    assert manifest["result"]["steps"] == 2
+    rows = [json.loads(line) for line in (runs / "dpo_demo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in rows)
