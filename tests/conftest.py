@@ -39,7 +39,7 @@ def smollm2_run(tmp_path_factory):
     """The shipped smollm2 recipe, exactly as configured (a real model: SmolLM2-135M-Instruct, ChatML), trained
     once per session on CPU into a temporary runs/."""
     cwd = tmp_path_factory.mktemp("smollm2")
-    res = run_recipe(["--config", "smollm2", f"run.output_dir={cwd / 'runs'}"], cwd=cwd)
+    res = run_recipe(["--config", "smollm2", f"run.output_dir={cwd / 'runs'}"], cwd=cwd, timeout=2400)
     return cwd / "runs" / "smollm2", res
 
 

@@ -196,6 +196,27 @@ def test_the_fine_tune_answers_a_held_out_question_closer_to_its_reference(smoll
 
 
 @pytest.mark.slow
+def test_chat_template_asks_named_tasks_in_the_runs_chat_format(smollm2_scored, tmp_path):
+    from tests.helpers import question, train_rows
+    rows = train_rows(smollm2_scored).select(range(2))
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": question(r), "answer": r["output"]}, ensure_ascii=False) + "\n"
+                            for r in rows), encoding="utf-8")
+    (tmp_path / "questions.yaml").write_text(yaml.safe_dump({
+        "task": "kit_test_questions", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{question}}",
+        "doc_to_target": "{{answer}}", "generation_kwargs": {"until": ["\n\n"], "max_gen_toks": 24},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}), encoding="utf-8")
+    res = _kit_eval(smollm2_scored, "--tasks", "kit_test_questions", "--include", tmp_path, "--chat-template",
+                    "--batch-size", 2, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recorded = json.loads((smollm2_scored / "eval/adapter.json").read_text())
+    for s, row in zip(_lines(smollm2_scored / recorded["kit_test_questions"]["samples"]), rows):
+        assert s["arguments"][0][0] == f"<|im_start|>user\n{question(row)}<|im_end|>\n<|im_start|>assistant\n"
+        assert "<|im_end|>" not in s["resps"][0][0]  # the run's end of turn stopped it
+
+
+@pytest.mark.slow
 def test_compare_shows_one_question_above_the_other_and_both_scores(smollm2_scored):
     res = subprocess.run([sys.executable, "-m", "kit.cli", "compare", str(smollm2_scored), "--example", "2",
                           "--max-new-tokens", "48"], cwd=smollm2_scored.parent, capture_output=True, text=True,

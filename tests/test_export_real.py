@@ -14,7 +14,7 @@ import pytest
 
 from kit.errors import ExportError
 from kit.families import CHATML
-from kit.gguf import pre_type
+from kit.gguf import check_exportable, pre_type
 from kit.template import chat_format, render
 from tests.helpers import decided_tokens, question
 
@@ -178,6 +178,12 @@ def test_the_pre_tokenizer_is_the_one_that_cuts_text_as_the_tokenizer(tokenizer)
     with pytest.raises(ExportError, match=r"none of llama.cpp's pre-tokenizers the kit knows \(qwen2, llama-bpe, "
                                           r"smollm, gpt-2\) cuts text as the run's tokenizer \(Llama 3.x\) does"):
         pre_type(_with_pre_tokenizer(tokenizer, prefixed))
+
+
+def test_an_architecture_other_than_llama_is_refused(tokenizer):
+    with pytest.raises(ExportError, match=r"'llama' architecture \(Llama 3.x, SmolLM2\); the base Qwen/Qwen2.5-0.5B is "
+                                          r"a 'qwen2' model. Export merged16"):
+        check_exportable(tokenizer, {"model_type": "qwen2"}, "Qwen/Qwen2.5-0.5B")
 
 
 def _sentencepiece_gemma():
