@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 from kit import env
 from kit.errors import ServerError
@@ -69,6 +70,10 @@ class Api:
 
 def v1(url: str) -> str:
     """The /v1 base URL, given it with or without /v1 (as kit chat and kit verify take it)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ServerError(f"'{url}' is not a server's URL: give its http:// or https:// address, e.g. "
+                          "http://127.0.0.1:8000/v1 (kit serve prints it).")
     url = url.rstrip("/")
     return url if url.endswith("/v1") else url + "/v1"
 

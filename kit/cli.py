@@ -62,6 +62,9 @@ def main(argv=None) -> int:
         return commands[args.command](args)
     except KitError as e:
         return exit_with(e)
+    except KeyboardInterrupt:  # each file the commands write is written whole or not at all (kit.io)
+        print(f"kit {args.command}: stopped (Ctrl-C); run it again to finish.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

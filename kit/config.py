@@ -15,6 +15,7 @@ import inspect
 import math
 import os
 import typing
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -479,6 +480,11 @@ def parse_override(text: str) -> Override:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.learning_rate=2e-4).")
     key, raw = text.split("=", 1)
+    if control := [c for c in raw if unicodedata.category(c) == "Cc"]:
+        # YAML folds a line break into a space: run.name=$'a\nb' would name the folder 'a b'
+        raise ConfigError(f"override {text!r}: the value holds a line break or another control character "
+                          f"({control[0]!r}). Give it on one line without control characters; multi-line text "
+                          "belongs in the recipe file, as a YAML block (key: |).")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
@@ -727,6 +733,7 @@ def _data_issues(cfg: Config) -> Iterator[Issue]:
     yield from _fields_issues("data.fields", d.fields)
     if d.mixture:
         yield from _mixture_issues(d.path)
+        yield from _repeated_sources(d)
 
 
 def _fields_issues(key: str, fields: dict[str, str]) -> Iterator[Issue]:
@@ -766,6 +773,22 @@ def _mixture_issues(entries: list[Union[str, DataSource]]) -> Iterator[Issue]:
                     "share of the mixture (or use weights, which are relative).")
 
 
+def _repeated_sources(d: DataConfig) -> Iterator[Issue]:
+    """A source listed twice would put each of its examples in the mixture twice, without a word."""
+    if not all(isinstance(e, (str, DataSource)) for e in d.path):
+        return  # an unreadable entry is reported already
+    first: dict[tuple, int] = {}
+    for i, s in enumerate(d.sources):
+        local = Path(s.path).expanduser()
+        where = str(local.resolve()) if s.path.strip() and local.exists() else s.path  # ./a.jsonl is a.jsonl
+        same = (where, s.subset, s.split, s.revision, s.format, tuple(sorted((s.fields or {}).items())))
+        if same in first:
+            yield Issue(f"data.path[{i}]", f"data.path[{i}] is data.path[{first[same]}] again ({s.path}): the mixture "
+                        "would hold each of its examples twice. Keep one entry; to give it a larger share, set its "
+                        "weight (or fraction).")
+        first.setdefault(same, i)
+
+
 def _export_issues(cfg: Config) -> Iterator[Issue]:
     e = cfg.export
     if bad := [f for f in e.formats if f not in FORMATS]:
@@ -792,6 +815,11 @@ def _combination_issues(cfg: Config) -> Iterator[Issue]:
     if t.eval_strategy != "no" and not has_eval:
         yield Issue("train.eval_strategy", f"train.eval_strategy='{t.eval_strategy}' but there is no eval data: set "
                     "data.eval_ratio > 0, data.eval_path or data.eval_split, or train.eval_strategy=no.")
+    if t.sample_max_new_tokens > cfg.model.max_seq_length:
+        yield Issue("train.sample_max_new_tokens", f"train.sample_max_new_tokens={t.sample_max_new_tokens} is longer "
+                    f"than model.max_seq_length={cfg.model.max_seq_length}, the longest sequence the run trains on; "
+                    f"each evaluation would wait on answers that long. Use at most {cfg.model.max_seq_length} (the "
+                    "default 64 shows the start of each answer).")
     if t.method != "sft" and d.mixture:
         yield Issue("data.path", f"train.method={t.method}: a mixture of preference datasets is not supported yet; "
                     "give data.path one dataset (a file, folder or Hub id).")

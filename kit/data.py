@@ -546,6 +546,10 @@ def load_data(cfg: Config, tokenizer) -> TrainingData:
             log.warning(f"{name}: {len(p.control_text)} example(s) hold control-token text of the chat format "
                         "(such as '<|eot_id|>') in a message: trained as plain text, not as control tokens. Remove it "
                         f"if it is not meant to be there: {_few(p.control_text)}")
+    asked = cfg.train.sample_prompts
+    if data.eval is not None and asked > len(data.eval.dataset) and cfg.train.eval_strategy != "no":
+        log.warning(f"train.sample_prompts={asked}, but the eval split holds {len(data.eval.dataset)} example(s): "
+                    f"each evaluation answers at most {len(data.eval.dataset)}.")
     return data
 
 
@@ -591,6 +595,11 @@ def _mixture(cfg: Config, tokenizer, common: dict) -> TrainingData:
         trains.append(prepare(rows, tokenizer, source=name, **own))
         evals.append(prepare(eval_rows, tokenizer, source=f"{name} (eval)", **own) if eval_rows is not None else None)
     counts = mixture_counts([len(p.dataset) for p in trains], mixture_shares(d.sources), d.max_examples)
+    for name, n in zip(names, counts):
+        if n == 0:
+            log.warning(f"{name}: its share of the mixture's {sum(counts):,} training examples rounds to 0, so none "
+                        "of its examples is trained on. Raise its weight or fraction (or data.max_examples), or leave "
+                        "it out of data.path.")
     if d.eval_path:
         eval_rows = load_rows(d.eval_path, d.eval_split or "train", d.subset, d.revision)
         eval_data = prepare(eval_rows, tokenizer, source=d.eval_path, fmt=d.format, fields=d.fields, **common)

@@ -78,6 +78,26 @@ def wandb_mode() -> Optional[str]:
     return os.environ.get("WANDB_MODE") or None
 
 
+def wandb_key_set() -> bool:
+    """WANDB_API_KEY (or WANDB_IDENTITY_TOKEN_FILE) is set: wandb's credentials from the environment."""
+    return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"))
+
+
+def wandb_base_url() -> str:
+    """WANDB_BASE_URL: the W&B server an online run uploads to."""
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
+def netrc_path() -> Path:
+    """NETRC, else ~/.netrc: where `wandb login` keeps the API key."""
+    return Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+
+
+def mlflow_allows_file_store() -> bool:
+    """MLFLOW_ALLOW_FILE_STORE=true: MLflow 3 opens its (deprecated) file store only with it."""
+    return os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1")
+
+
 def mlflow_tracking_uri() -> Optional[str]:
     """MLFLOW_TRACKING_URI: the user's MLflow server or store, instead of the one in the run directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or None

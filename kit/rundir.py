@@ -22,7 +22,9 @@ import errno
 import json
 import logging
 import os
+import shlex
 import shutil
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +270,27 @@ def begin(run: RunDir, config_yaml: str, manifest: dict, checkpoint: Optional[Pa
         trim_metrics(run.metrics, checkpoint_step(checkpoint))
     atomic_write_text(run.config, config_yaml)
     write_json(run.manifest, manifest)
+
+
+def interrupted(run: RunDir, command: list[str]) -> int:
+    """Ctrl-C while a run trains: manifest.json says interrupted, and one line says the last step logged, the last
+    complete checkpoint and the command that goes on from it (`command`: the one that was stopped). Changes
+    nothing else (an unfinished checkpoint is set aside by the resume). 130: a shell's status after Ctrl-C."""
+    started = run.manifest.is_file() and read_manifest(run).get("status") == "training"
+    if started:
+        write_json(run.manifest, {**read_manifest(run), "status": "interrupted"})
+    again = [a for a in command if not a.startswith(("train.resume_from_checkpoint=", "run.overwrite="))]
+    found = _complete(run.checkpoints) if _is_dir(run.checkpoints) else []
+    if found:
+        where = (f"last complete checkpoint: {found[-1]}; go on from it with: "
+                 f"{shlex.join([*again, 'train.resume_from_checkpoint=auto'])}")
+    elif started:
+        where = f"no complete checkpoint yet; start again with: {shlex.join([*again, 'run.overwrite=true'])}"
+    else:
+        where = f"training had not started; start it with: {shlex.join(again)}"
+    step = max((m["step"] for m in read_metrics(run.metrics)), default=0)
+    print(f"interrupted (Ctrl-C) in {run.path} after step {step}; {where}", file=sys.stderr)
+    return 130
 
 
 def read_manifest(run: RunDir) -> dict:

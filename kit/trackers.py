@@ -8,17 +8,28 @@ later), and MLflow writes a SQLite store in the run directory unless MLFLOW_TRAC
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
+import netrc
 import re
+import tempfile
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+from urllib.parse import urlsplit
 
 import yaml
 
 from kit import env
-from kit.errors import SetupError, install_extras
-from kit.rundir import RunDir, read_manifest
+from kit.errors import ConfigError, SetupError, install_extras
+from kit.rundir import WANDB, RunDir, read_manifest
+
+if TYPE_CHECKING:
+    from kit.config import Config
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 NO_TRACKER = "none"
@@ -26,6 +37,12 @@ NO_TRACKER = "none"
 MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
 SAMPLES = "eval/samples"  # the sample answers' name in each tracker
+WANDB_MODES = ("offline", "online", "disabled", "shared", "dryrun", "run")  # wandb.Settings.mode's values
+WANDB_UPLOADS = ("online", "shared", "run")  # the modes that need an API key
+# MLflow's own stores by URI scheme (a database's driver after '+': postgresql+psycopg2); plugins add theirs
+MLFLOW_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+PROBE_SECONDS = 3.0  # how long a tracking server has to answer before training starts
+LOCAL_RECORD = "unset it to record in the run directory (RUN/mlflow.db)"
 
 
 def check_installed(names: list[str]) -> None:
@@ -35,6 +52,122 @@ def check_installed(names: list[str]) -> None:
         packages = " and ".join(PACKAGES[n] for n in missing)
         raise SetupError(f"train.report_to names {', '.join(missing)}, but {packages} is not installed: "
                          f"{install_extras(packages)}; or leave {', '.join(missing)} out of train.report_to.")
+
+
+def check(cfg: Config) -> None:
+    """Before any model loads, what each tracker of train.report_to needs: its package, a valid WANDB_MODE and, to
+    upload, an API key and a server that answers; an MLFLOW_TRACKING_URI that MLflow opens and whose server
+    answers; and, in an existing run directory, the tracker folders writable. Waits PROBE_SECONDS per server at
+    most (MLflow and wandb would retry for minutes, after the model loaded)."""
+    names = cfg.train.trackers
+    check_installed(names)
+    problems = [*(_wandb_problems() if "wandb" in names else []), *(_mlflow_problems() if "mlflow" in names else [])]
+    if not cfg.run.overwrite:  # an existing run directory is kept (resume): its tracker records are written to again
+        problems += _record_problems(names, RunDir(cfg.run_dir))
+    if problems:
+        raise ConfigError(*problems)
+
+
+def _wandb_problems() -> list[str]:
+    mode = env.wandb_mode()
+    if mode is None:  # the kit runs it offline
+        return []
+    if mode not in WANDB_MODES:
+        return [f"WANDB_MODE={mode}: not a mode of wandb; use offline (the kit's default, without WANDB_MODE), online "
+                "(uploads; needs an API key) or disabled."]
+    if mode not in WANDB_UPLOADS:
+        return []
+    server = env.wandb_base_url()
+    if not env.wandb_key_set() and not _netrc_key(server):
+        return [f"WANDB_MODE={mode} uploads to {server}, but no API key is set: set WANDB_API_KEY, or run `wandb "
+                f"login` (it keeps the key in {env.netrc_path()}); or unset WANDB_MODE to record offline in the run "
+                "directory (`wandb sync RUN/wandb/offline-run-*` uploads it later)."]
+    if why := _silence(server):
+        return [f"WANDB_MODE={mode}: the W&B server {server} does not answer ({why}). Check the network or "
+                "WANDB_BASE_URL, or unset WANDB_MODE to record offline (`wandb sync` uploads it later)."]
+    return []
+
+
+def _netrc_key(server: str) -> bool:
+    """Whether the netrc file holds credentials for the W&B server (as `wandb login` writes them)."""
+    try:
+        return netrc.netrc(env.netrc_path()).authenticators(urlsplit(server).netloc) is not None
+    except (OSError, netrc.NetrcParseError):  # no file, or one wandb cannot read either
+        return False
+
+
+def _mlflow_problems() -> list[str]:
+    uri = env.mlflow_tracking_uri()
+    if uri is None:  # the kit's SQLite store in the run directory
+        return []
+    scheme = urlsplit(uri).scheme
+    if scheme in ("", "file"):
+        if env.mlflow_allows_file_store():
+            return []
+        return [f"MLFLOW_TRACKING_URI={uri} is MLflow's file store, which MLflow 3 refuses (maintenance mode). Use a "
+                f"SQLite store (sqlite:///PATH/mlflow.db) or a server (http://HOST:5000), or {LOCAL_RECORD}; "
+                "MLFLOW_ALLOW_FILE_STORE=true opens the file store anyway."]
+    plugins = {e.name for e in importlib.metadata.entry_points(group="mlflow.tracking_store")}
+    if scheme.split("+")[0] not in {*MLFLOW_SCHEMES, *plugins}:
+        return [f"MLFLOW_TRACKING_URI={uri}: MLflow has no store for '{scheme}:'. Use http(s)://HOST:PORT (a tracking "
+                f"server), sqlite:///PATH, postgresql://, mysql:// or mssql:// (a database), databricks, or "
+                f"{LOCAL_RECORD}."]
+    if scheme in ("http", "https") and (why := _silence(uri)):
+        return [f"MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({why}). Start it, correct the "
+                f"address, or {LOCAL_RECORD}."]
+    if scheme == "sqlite" and (db := uri.removeprefix("sqlite:///")) not in ("", ":memory:", uri):
+        why = _unwritable(Path(db), folder=False) or _unwritable(Path(db).parent, folder=True, missing="no such folder")
+        return [f"MLFLOW_TRACKING_URI={uri}: {why}. Give a SQLite file in a folder you can write, or {LOCAL_RECORD}."] \
+            if why else []
+    return []
+
+
+def _silence(url: str) -> Optional[str]:
+    """Why the server at `url` gives no HTTP answer within PROBE_SECONDS (None: it answers, whatever the status)."""
+    outcome: dict[str, str] = {}
+
+    def probe():
+        try:
+            urllib.request.urlopen(url, timeout=PROBE_SECONDS).close()
+        except urllib.error.HTTPError:  # an answer: the server is there
+            pass
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            outcome["error"] = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+            return
+        outcome["ok"] = ""
+
+    thread = threading.Thread(target=probe, daemon=True)  # a thread: name resolution has no timeout of its own
+    thread.start()
+    thread.join(PROBE_SECONDS + 0.5)
+    return None if "ok" in outcome else outcome.get("error", f"no answer in {PROBE_SECONDS:g} s")
+
+
+def _record_problems(names: list[str], run: RunDir) -> list[str]:
+    """What an existing run directory's tracker records would refuse: a folder that is a file, a read-only one."""
+    local_mlflow = "mlflow" in names and env.mlflow_tracking_uri() is None
+    records = [*([("tensorboard", run.tensorboard, True)] if "tensorboard" in names else []),
+               *([("wandb", run.path / WANDB, True)] if "wandb" in names else []),
+               *([("mlflow", run.mlflow_db, False), ("mlflow", run.mlflow_artifacts, True)] if local_mlflow else [])]
+    return [f"{why}; train.report_to's {name} records there. Move it aside or make it writable, or leave {name} out "
+            "of train.report_to." for name, path, folder in records if (why := _unwritable(path, folder))]
+
+
+def _unwritable(path: Path, folder: bool, missing: Optional[str] = None) -> Optional[str]:
+    """Why `path` (a folder or a file) cannot be written, by trying (root writes past permission bits); None when
+    it can, or when it does not exist yet and `missing` is None (it is created then)."""
+    if not path.exists():
+        return f"{path}: {missing}" if missing else None
+    if path.is_dir() != folder:
+        return f"{path} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}"
+    try:
+        if folder:
+            tempfile.TemporaryFile(dir=path).close()
+        else:
+            open(path, "r+b").close()
+    except OSError as e:
+        return f"{path} cannot be written ({e.strerror})"
+    return None
 
 
 def integrations(names: list[str]) -> list[str]:
