@@ -203,7 +203,8 @@ class TrainConfig:
     the tracker run's parameters; metrics.jsonl is always written."""
     sample_prompts: int = 3
     """At each evaluation, answer this many held-out prompts greedily and log the answers beside the reference
-    answers (metrics.jsonl, the console, the trackers); 0: none. More than the eval split holds: all of them, said."""
+    answers (metrics.jsonl, the console, the trackers); 0: none. More than the eval split holds: each of its
+    examples, with a warning."""
     sample_max_new_tokens: int = 64
     """Longest sample answer, in tokens (model.max_seq_length at most)."""
 
