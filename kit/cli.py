@@ -1,6 +1,7 @@
 """`kit`: one entry point for the kit's commands. Heavy imports happen inside each command.
 
     kit train [--config RECIPE] [--plan] [key=value ...]  same as python -m kit.recipes.llama31_sft
+    kit train --config dpo_demo [key=value ...]            DPO (ORPO: train.method=orpo): the recipe's train.method
     kit ask RUN_DIR --prompt TEXT                          greedy answer from base + the run's adapter
     kit export RUN_DIR --to merged16|gguf [--quant q8_0]   merged 16-bit model or GGUF (+ Ollama Modelfile)
     kit verify RUN_DIR [--url URL --model NAME]            exports (and a server) agree with base + adapter?
