@@ -99,10 +99,10 @@ def _after_main(w: World, fn: Callable[..., T], args: tuple, share: bool):
     return box[0]
 
 
-def launch(devices: int, argv: list[str]) -> NoReturn:
-    """Replace this process by torchrun starting `devices` ranks of the recipe with the same arguments (the
-    ranks read --devices as their world's size)."""
+def launch(devices: int, argv: list[str], module: str) -> NoReturn:
+    """Replace this process by torchrun starting `devices` ranks of the recipe `module` (kit.recipes.llama31_sft,
+    kit.recipes.dpo) with the same arguments (the ranks read --devices as their world's size)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-               "-m", "kit.recipes.llama31_sft", *argv]
+               "-m", module, *argv]
     sys.stdout.flush()
     os.execv(sys.executable, command)

@@ -12,7 +12,11 @@ micro-batch):
   backward of the attention and MLP projections); with Unsloth's checkpointing 2h (each layer's input;
   one layer is recomputed at a time);
 - the loss: the fused, chunked cross-entropy holds one tile of at most 4,096 rows x 16,384 vocabulary
-  columns in fp32, never the full logits.
+  columns in fp32, never the full logits;
+- DPO's reference forward (train.method=dpo): TRL runs it after the policy's forward, under no_grad, while the
+  policy's activations wait for the backward; it keeps nothing across layers, so it adds one layer's working
+  set for the micro-batch (the per-layer figure above) and a loss tile. ORPO has no reference: no such term.
+  A preference pair's chosen and rejected rows are both in the micro-batch's tokens (kit.plan).
 On an H200 and an H100 these land within a few percent of torch.cuda.max_memory_allocated for
 Llama-3.1-8B QLoRA r=16 (docs/benchmarks.md). The CUDA context and the allocator's slack are outside it:
 a budget keeps a tenth in reserve for them.
@@ -54,15 +58,18 @@ class MemoryEstimate:
     tokens: int
     """Padded tokens of the largest micro-batch the estimate is for."""
     checkpointing: bool
+    reference_gib: float = 0.0
+    """DPO's reference forward (0: SFT, ORPO)."""
 
     @property
     def total_gib(self) -> float:
-        return self.weights_gib + self.lora_gib + self.activations_gib + self.loss_gib
+        return self.weights_gib + self.lora_gib + self.activations_gib + self.loss_gib + self.reference_gib
 
     def render(self) -> str:
+        reference = f" + reference forward {self.reference_gib:.1f}" if self.reference_gib else ""
         return (f"{self.total_gib:.1f} GiB = weights {self.weights_gib:.1f} + LoRA and optimizer "
                 f"{self.lora_gib:.1f} + activations {self.activations_gib:.1f} ({self.tokens:,} tokens, "
-                f"checkpointing {'on' if self.checkpointing else 'off'}) + loss {self.loss_gib:.1f}")
+                f"checkpointing {'on' if self.checkpointing else 'off'}) + loss {self.loss_gib:.1f}{reference}")
 
 
 def weights_gib(model: dict, linear_bytes: float) -> float:
@@ -73,8 +80,8 @@ def weights_gib(model: dict, linear_bytes: float) -> float:
 
 
 def estimate(model: dict, *, load_in_4bit: bool, lora_r: int, targets: list[str], optim: str, tokens: int,
-             checkpointing: bool) -> MemoryEstimate:
-    """`model`: the base model's config.json."""
+             checkpointing: bool, reference: bool = False) -> MemoryEstimate:
+    """`model`: the base model's config.json; `reference`: a reference forward runs beside the policy's (DPO)."""
     h, i, vocab = model["hidden_size"], model["intermediate_size"], model["vocab_size"]
     layers = model["num_hidden_layers"]
     proj = projection_shapes(model)
@@ -82,8 +89,9 @@ def estimate(model: dict, *, load_in_4bit: bool, lora_r: int, targets: list[str]
     lora = sum(lora_r * sum(proj[t]) for t in targets) * layers * LORA_BYTES[optim]
     per_token = (2 * h if checkpointing else 2 * (8 * h + 2 * i)) * layers
     loss = min(tokens, LOSS_TILE_ROWS) * min(vocab, LOSS_TILE_COLS) * 4
+    ref = (2 * (8 * h + 2 * i) * tokens + loss) if reference else 0  # one layer at a time, and its own loss tile
     return MemoryEstimate(weights_gib=weights / GIB, lora_gib=lora / GIB, activations_gib=per_token * tokens / GIB,
-                          loss_gib=loss / GIB, tokens=tokens, checkpointing=checkpointing)
+                          loss_gib=loss / GIB, tokens=tokens, checkpointing=checkpointing, reference_gib=ref / GIB)
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,8 @@ def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib
             checkpointing = requested if requested is not None else cuda  # shape unknown: the safe choice
             return Execution(sampling, batch, accum, padding_free, checkpointing, largest, exact)
         memory = choose(model, m.gpu_memory_gib or card_gib, requested, load_in_4bit=m.load_in_4bit,
-                        lora_r=cfg.lora.r, targets=cfg.target_modules, optim=t.optim, tokens=largest)
+                        lora_r=cfg.lora.r, targets=cfg.target_modules, optim=t.optim, tokens=largest,
+                        reference=t.method == "dpo")
         if memory.fits:
             break
     return Execution(sampling, batch, accum, padding_free, memory.checkpointing, largest, exact, memory)

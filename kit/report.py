@@ -57,10 +57,11 @@ def git_commit() -> Optional[str]:
     return env.image_commit()
 
 
-def manifest(cfg: Config, backend: Backend, data: TrainingData, plan: Plan, base: str, chat: ChatFormat) -> dict:
-    """manifest.json as training starts; the result is added when it ends."""
+def manifest(cfg: Config, backend: Backend, data: TrainingData, plan: Plan, base: str, chat: ChatFormat,
+             module: str) -> dict:
+    """manifest.json as training starts; the result is added when it ends. `module`: the recipe that runs."""
     return {
-        "command": command_line(), "base_model": base, "model_name": cfg.model.name,
+        "command": command_line(module=module), "base_model": base, "model_name": cfg.model.name,
         "chat_format": {"family": chat.family, "template": chat.describe(), "end_of_turn": chat.end_of_turn,
                         "stops": chat.stops}, "backend": backend.name,
         "precision": backend.precision, "device": backend.device.name, "seed": cfg.train.seed,
@@ -193,11 +194,12 @@ def _duration(s: float) -> str:
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The command as the user typed it, quoted so that it can be pasted back into a shell."""
+def command_line(argv: list[str] | None = None, *, module: str) -> str:
+    """The command as the user typed it, quoted so that it can be pasted back into a shell; `module`: the recipe
+    module that runs (python -m kit.recipes.dpo leaves only dpo.py's path in argv[0])."""
     argv = sys.argv if argv is None else argv
     via_kit = Path(argv[0]).name in ("kit", "cli.py")  # `kit train …` or `python -m kit.cli train …`
-    head = ["kit"] if via_kit else [Path(sys.executable).name, "-m", "kit.recipes.llama31_sft"]
+    head = ["kit"] if via_kit else [Path(sys.executable).name, "-m", module]
     if env.world_size() > 1:  # one of several processes torchrun started
-        head = ["torchrun", "--standalone", f"--nproc_per_node={env.world_size()}", "-m", "kit.recipes.llama31_sft"]
+        head = ["torchrun", "--standalone", f"--nproc_per_node={env.world_size()}", "-m", module]
     return shlex.join(head + argv[1:])

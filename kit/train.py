@@ -157,11 +157,25 @@ def _preference_trainer(method: str, backend: Backend, model, common: dict) -> T
     adapter for the reference forward and no copy is trained around or saved."""
     if backend.unsloth is not None and backend.device.cuda:
         backend.unsloth.PatchDPOTrainer()
-    trainer = (ORPOTrainer if method == "orpo" else DPOTrainer)(**common)
+    trainer = (_ORPOTrainer if method == "orpo" else DPOTrainer)(**common)
     if method == "dpo" and "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")
         model.set_adapter("default")
     return trainer
+
+
+class _ORPOTrainer(ORPOTrainer):
+    """TRL's ORPOTrainer, counting its tokens: its batches hold chosen_* and rejected_* rows and no input_ids, so
+    transformers' count (the run's tokens and tokens/s) would stay 0."""
+
+    def _track_num_input_tokens(self, inputs):
+        if self.args.include_num_input_tokens_seen == "no" or "chosen_input_ids" not in inputs:
+            return super()._track_num_input_tokens(inputs)
+        key = "attention_mask" if self.args.include_num_input_tokens_seen == "non_padding" else "input_ids"
+        rows = [inputs[f"{side}_{key}"] for side in ("chosen", "rejected")]  # each holds the prompt too
+        n = sum(int(r.sum()) if key == "attention_mask" else r.numel() for r in rows)
+        count = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(count).sum().item()
 
 
 def train(cfg: Config, backend: Backend, tokenizer, data: TrainingData, run: RunDir, base: str,

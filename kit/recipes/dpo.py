@@ -19,11 +19,12 @@ import sys
 
 from kit.recipes import llama31_sft
 
-PROG = "python -m kit.recipes.dpo"
+MODULE = "kit.recipes.dpo"  # recorded in the manifest and started by torchrun (--devices)
+PROG = f"python -m {MODULE}"
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    return llama31_sft.main(argv, prog, recipe="dpo", methods=("dpo", "orpo"), doc=__doc__)
+    return llama31_sft.main(argv, prog, recipe="dpo", methods=("dpo", "orpo"), doc=__doc__, module=MODULE)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ from kit.rundir import RunDir, save_adapter
 from kit.template import chat_format, load_tokenizer
 from kit.tiny import build_random_model
 
-PROG = "python -m kit.recipes.llama31_sft"
+MODULE = "kit.recipes.llama31_sft"  # what a run records and torchrun starts (kit.recipes.dpo: its own)
+PROG = f"python -m {MODULE}"
 
 
 def parse_args(argv: list[str], prog: str, recipe: str = DEFAULT_RECIPE, doc: str = __doc__) -> argparse.Namespace:
@@ -58,9 +59,10 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices: int = 1) -> None:
+def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices: int = 1,
+        module: str = MODULE) -> None:
     """Train as this process's part of `world` (one process, or the ranks torchrun started); plan_only: print
-    the plan for `devices` devices."""
+    the plan for `devices` devices; `module`: the recipe module that runs, for the record."""
     # ---------------------------------------------------------------- setup
     hub.check_models(cfg)  # in seconds, where the Hub client would retry for a minute
     backend = activate(cfg, world)  # checks this machine, joins the other ranks, imports Unsloth before TRL
@@ -90,7 +92,7 @@ def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices:
     if cfg.model.random_shape is not None:
         shape, seed = cfg.model.random_shape, cfg.model.random_seed
         base = str(distributed.on_main(world, build_random_model, shape, seed, run_dir.base_model).resolve())
-    record = {**report.manifest(cfg, backend, data, plan, base, chat), **train.method_record(cfg)}
+    record = {**report.manifest(cfg, backend, data, plan, base, chat, module), **train.method_record(cfg)}
     begin = functools.partial(rundir.begin, run_dir, to_yaml(cfg), {**record, "status": "training"}, resume)
 
     # ---------------------------------------------------------------- train
@@ -136,12 +138,12 @@ def start_run(cfg: Config, devices: int) -> Optional[Path]:
     return resume
 
 
-def launch(cfg: Config, devices: int, argv: list[str]) -> None:
+def launch(cfg: Config, devices: int, argv: list[str], module: str = MODULE) -> None:
     """--devices N: check once what would stop the N processes, then let torchrun start them."""
     hub.check_models(cfg)
     check_machine(cfg, distributed.World(size=devices, local_size=devices))
     start_run(cfg, devices)  # the run directory, as rank 0 will find it
-    distributed.launch(devices, argv)
+    distributed.launch(devices, argv, module)
 
 
 def plan_without_data(cfg: Config, examples: int, devices: int = 1) -> Plan:
@@ -154,8 +156,9 @@ def plan_without_data(cfg: Config, examples: int, devices: int = 1) -> Plan:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG, recipe: str = DEFAULT_RECIPE,
-         methods: tuple[str, ...] = ("sft", "dpo", "orpo"), doc: str = __doc__) -> int:
-    """The command: `recipe` when --config is not given; `methods`: the train.method values it trains."""
+         methods: tuple[str, ...] = ("sft", "dpo", "orpo"), doc: str = __doc__, module: str = MODULE) -> int:
+    """The command: `recipe` when --config is not given; `methods`: the train.method values it trains; `module`:
+    the recipe module (python -m `module` runs this command), recorded and started by torchrun."""
     world = distributed.world()
     # rank 0 speaks for the run: the other ranks log only errors
     logging.basicConfig(level=logging.INFO if world.main else logging.ERROR, format="%(levelname)s kit: %(message)s")
@@ -177,9 +180,10 @@ def main(argv: list[str] | None = None, prog: str = PROG, recipe: str = DEFAULT_
             print(plan_without_data(cfg, args.examples, devices).render())
         elif devices > world.size and not args.plan:
             # the processes run this module: they are told the recipe this command defaults to
-            launch(cfg, devices, argv if args.config or recipe == DEFAULT_RECIPE else ["--config", recipe, *argv])
+            launch(cfg, devices, argv if args.config or recipe == DEFAULT_RECIPE else ["--config", recipe, *argv],
+                   module)
         else:
-            run(cfg, world, plan_only=args.plan, devices=devices)
+            run(cfg, world, plan_only=args.plan, devices=devices, module=module)
     except KitError as e:
         return exit_with(e) if world.main else 2  # every rank meets the same problem; rank 0 reports it
     finally:
