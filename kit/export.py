@@ -7,6 +7,7 @@ llama.cpp and Ollama. Every output is written under a temporary name and renamed
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from kit import env
 from kit.errors import ExportError
 from kit.gguf import KQUANTS, QUANTS, check_exportable, check_quantizer, kquantize, modelfile, write_gguf
 from kit.io import atomic_dir, clean_leftovers
-from kit.rundir import RunDir, base_config, read_adapter
+from kit.rundir import ADAPTER_WEIGHTS, RunDir, base_config, read_adapter
 from kit.template import generation_config
 
 FORMATS = ("merged16", "gguf")
@@ -38,12 +39,19 @@ def merged_model(run_dir: Path):
     return model.merge_and_unload(), AutoTokenizer.from_pretrained(str(adapter.path))
 
 
-def check_space(target: Path, n_params: int, kind: str) -> None:
-    need = n_params * BYTES_PER_WEIGHT[kind] * 1.05
-    free = shutil.disk_usage(target.parent if target.parent.exists() else Path(".")).free
+def check_space(target: Path, n_params: int, kind: str, tokenizer_bytes: int) -> None:
+    """Room for the weights and the tokenizer (a tiny model's weights can weigh less than Llama 3.1's tokenizer),
+    on the disk that will hold `target` (its nearest existing folder: export/ is new on a first export)."""
+    need = n_params * BYTES_PER_WEIGHT[kind] * 1.05 + tokenizer_bytes
+    free = shutil.disk_usage(next(p for p in target.parents if p.exists())).free
     if free < need:
-        raise ExportError(f"not enough disk for {kind}: about {need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB "
+        raise ExportError(f"not enough disk for {kind}: about {need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB "
                           f"free under {target.parent}. Free space or export elsewhere; nothing was written.")
+
+
+def _disk_full(e: Exception) -> bool:
+    """ENOSPC as Python raises it, or as the Rust writers (safetensors, tokenizers) word it in their own errors."""
+    return getattr(e, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(e)
 
 
 def write_merged16(model, tokenizer, out: Path) -> None:
@@ -69,7 +77,9 @@ def export(run_dir: Path, to: str, quant: str = "q8_0") -> Path:
     for folder in (run.merged16, *map(run.gguf, QUANTS)):  # what an interrupted export (any format) left
         clean_leftovers(folder)
     model, tokenizer = merged_model(run.path)
-    check_space(target, sum(p.numel() for p in model.parameters()), "merged16" if to == "merged16" else quant)
+    tokenizer_files = [f for f in read_adapter(run.path).path.iterdir() if f.is_file() and f.name != ADAPTER_WEIGHTS]
+    check_space(target, sum(p.numel() for p in model.parameters()), "merged16" if to == "merged16" else quant,
+                sum(f.stat().st_size for f in tokenizer_files))
     try:
         with atomic_dir(target, replace=True) as tmp:
             if to == "merged16":
@@ -83,10 +93,11 @@ def export(run_dir: Path, to: str, quant: str = "q8_0") -> Path:
                 else:
                     write_gguf(model, tokenizer, tmp / name, quant, run.name)
                 (tmp / "Modelfile").write_text(modelfile(name, tokenizer))
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise ExportError(f"the disk filled up while writing ({e.strerror}); the partial export was removed and "
-                              "earlier exports are untouched. Free space and export again.") from None
+    except Exception as e:
+        if _disk_full(e):
+            raise ExportError(f"the disk filled up while writing {target} ({os.strerror(errno.ENOSPC)}); the partial "
+                              "export was removed and earlier exports are untouched. Free space and export again."
+                              ) from None
         raise
     return target
 

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import IO, TYPE_CHECKING, Optional
 
 import yaml
 
@@ -49,6 +50,7 @@ BASE_MODEL, CHECKPOINTS, ADAPTER, EXPORT, MERGED16 = "base-model", "checkpoints"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.json"
 COMPLETE = "kit-complete"  # written last into a checkpoint: without it the checkpoint is incomplete
+LOCK = ".kit-lock"  # locked by the process that trains in the run directory, and holding its pid
 # Unsloth's pre-quantized repos; LoRA applies to the 16-bit model they were made from
 BNB_4BIT_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")
 
@@ -134,9 +136,9 @@ class RunDir:
 # ---------------------------------------------------------------- lifecycle
 
 def start(cfg: Config) -> Optional[Path]:
-    """Check the run directory before anything loads, and create it; on resume, find the checkpoint and check
-    it (complete, readable, trained with this config's LoRA). Nothing of an earlier run changes here: its
-    record changes only when the resumed training starts (begin)."""
+    """Check the run directory before anything loads, create it and claim it for this process; on resume, find
+    the checkpoint and check it (complete, readable, trained with this config's LoRA). Nothing of an earlier run
+    changes here: its record changes only when the resumed training starts (begin)."""
     run, resume = RunDir(cfg.run_dir), cfg.train.resume_from_checkpoint
     if resume is None:
         _make(run.path, cfg)
@@ -146,9 +148,12 @@ def start(cfg: Config) -> Optional[Path]:
                                   "train.resume_from_checkpoint=auto, choose another run.name=..., or pass "
                                   "run.overwrite=true (the old run is moved aside, not deleted).")
             log.warning(f"run.overwrite: moved the previous run to {move_aside(run.path)}")
+            _owned.pop(run.path.resolve()).close()  # its lock went aside with it
             _make(run.path, cfg)
         return None
     if resume == "auto":
+        if _is_dir(run.path):
+            _make(run.path, cfg)  # claimed before an unfinished checkpoint is moved aside
         found = complete_checkpoints(run.checkpoints) if _is_dir(run.path) else []
         if not found:
             raise ConfigError(f"train.resume_from_checkpoint=auto: {run.checkpoints} holds no complete "
@@ -158,15 +163,43 @@ def start(cfg: Config) -> Optional[Path]:
         checkpoint = Path(resume)
         if not (checkpoint / TRAINER_STATE).is_file():
             raise ConfigError(f"train.resume_from_checkpoint={resume}: not a checkpoint folder (no {TRAINER_STATE}).")
-    _make(run.path, cfg)
+        _make(run.path, cfg)
     check_checkpoint(checkpoint, cfg)
     log.info(f"resuming from {checkpoint} (step {checkpoint_step(checkpoint)})")
     return checkpoint
 
 
+_owned: dict[Path, IO[str]] = {}  # the run directories this process claimed: their locks, open until it ends
+
+
+def claim(run: RunDir) -> None:
+    """Make this process the one that trains in `run` until it ends: an exclusive flock on its lock file, which
+    the kernel drops when the process ends, however it ends, so no crash leaves the directory stuck (and an exec,
+    as --devices N into torchrun, hands it on to the rank 0 that claims it again). ConfigError naming the other
+    process when one holds it."""
+    if run.path.resolve() in _owned:
+        return
+    lock = open(run.path / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held open: the lock lasts as long
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip()
+        lock.close()
+        other = f"process {pid}" if pid.isdigit() else "another process"
+        stop = f"stop it (kill {pid})" if pid.isdigit() else "stop it"
+        raise ConfigError(f"run directory {run.path} is in use: {other} is training in it, and two processes in one "
+                          f"run would write over each other's checkpoints and metrics. Wait for it to end (or {stop}) "
+                          "and run again, or choose another run.name=... to train beside it.") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _owned[run.path.resolve()] = lock
+
+
 # what a run may hold before its training starts (a random base, the trackers' records, an empty checkpoint
 # folder): a directory with nothing else was left by an attempt that failed before training and is used again
-BEFORE_TRAINING = {BASE_MODEL, TENSORBOARD, WANDB, MLFLOW_DB, MLFLOW_ARTIFACTS, CHECKPOINTS}
+BEFORE_TRAINING = {LOCK, BASE_MODEL, TENSORBOARD, WANDB, MLFLOW_DB, MLFLOW_ARTIFACTS, CHECKPOINTS}
 
 
 def _unstarted(run: RunDir) -> bool:
@@ -181,7 +214,8 @@ def _is_dir(path: Path) -> bool:
 
 
 def _make(path: Path, cfg: Config) -> None:
-    """The run directory, created and writable; else ConfigError naming the setting to change."""
+    """The run directory, created, writable and claimed by this process; else ConfigError naming the setting to
+    change."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".kit-write-test-{os.getpid()}"
@@ -196,6 +230,7 @@ def _make(path: Path, cfg: Config) -> None:
             problem = f"cannot write in {next(p for p in (path, *path.parents) if p.exists())} ({e.strerror})"
         raise ConfigError(f"run.output_dir={cfg.run.output_dir}, run.name={cfg.run.name}: {problem}. Choose a "
                           "run.output_dir where you can write (and a shorter run.name if it is long).") from None
+    claim(RunDir(path))
 
 
 def check_checkpoint(checkpoint: Path, cfg: Config) -> None:

@@ -40,10 +40,19 @@ def test_unknown_quant(adapter_run):
         ex.export(adapter_run, "gguf", "q3_x")
 
 
-def test_not_enough_disk_is_refused_before_writing(adapter_run, monkeypatch):
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(ex.ExportError, match="not enough disk"):
-        ex.export(adapter_run, "gguf", "f16")
+@pytest.mark.parametrize("to, quant", [("gguf", "f16"), ("merged16", "q8_0")])
+def test_not_enough_disk_is_refused_before_writing(adapter_run, tiny_base, monkeypatch, to, quant):
+    import numpy as np
+
+    from kit.rundir import _tensor_shapes
+    # room for the 16-bit weights and 1 MB: not for Llama 3.1's tokenizer files (9 MB) besides
+    weights = sum(np.prod(s) for s in _tensor_shapes(tiny_base / "model.safetensors", "").values()) * 2 * 1.05
+    asked = []
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: asked.append(p) or shutil._ntuple_diskusage(10**12, 0, int(weights) + 10**6))
+    with pytest.raises(ex.ExportError, match=f"not enough disk for {to if to == 'merged16' else quant}"):
+        ex.export(adapter_run, to, quant)
+    assert asked == [adapter_run], "the run's own disk, measured at its nearest existing folder"
     assert not (adapter_run / "export").exists() or not any((adapter_run / "export").iterdir())
 
 
@@ -57,6 +66,22 @@ def test_disk_filling_up_mid_write_leaves_no_partial_export(adapter_run, monkeyp
         ex.export(adapter_run, "gguf", "f16")
     leftovers = list((adapter_run / "export").iterdir()) if (adapter_run / "export").exists() else []
     assert leftovers == [], leftovers
+
+
+def test_disk_filling_up_in_safetensors_is_named_and_leaves_the_earlier_merged16(adapter_run, monkeypatch):
+    from safetensors import SafetensorError
+    from transformers import modeling_utils
+    earlier = adapter_run / "export" / "merged16"
+    earlier.mkdir(parents=True)
+    (earlier / "config.json").write_text("{}")
+
+    def full(*a, **k):  # safetensors' Rust writer words ENOSPC in its own error, not as an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full)
+    with pytest.raises(ex.ExportError, match=rf"disk filled up while writing {earlier} \(No space left on device\)"):
+        ex.export(adapter_run, "merged16")
+    assert [p.name for p in (adapter_run / "export").iterdir()] == ["merged16"]
+    assert [p.name for p in earlier.iterdir()] == ["config.json"], "the earlier export is untouched"
 
 
 def test_cli_reports_a_missing_run_without_a_traceback(tmp_path):

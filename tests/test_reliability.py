@@ -257,3 +257,33 @@ def test_ctrl_c_before_a_checkpoint_or_before_training(tmp_path, capsys):
     assert capsys.readouterr().err.endswith("after step 0; training had not started; start it with: kit train "
                                             "--config demo 'run.output_dir=my runs'\n")
     assert not fresh.path.exists(), "nothing written"
+
+
+# ---------------------------------------------------------------- two processes on one run directory
+
+def test_a_run_directory_another_process_trains_in_is_refused_until_that_process_ends(tmp_path):
+    import subprocess
+    import sys
+
+    from kit import rundir
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys\n"
+        f"f = open({str(run / rundir.LOCK)!r}, 'a+')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.write(f'{os.getpid()}\\n'); f.flush()\n"
+        "print('held', flush=True); sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for resume in ([], ["train.resume_from_checkpoint=auto"], ["run.overwrite=true"]):
+            with pytest.raises(ConfigError, match=rf"run directory {run} is in use: process {holder.pid} is training "
+                                                  rf"in it.*\(or stop it \(kill {holder.pid}\)\) and run again"):
+                rundir.start(load_config("demo", [f"run.output_dir={run.parent}", *resume]))
+        assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK, "notes.txt"], "nothing moved or written"
+    finally:
+        holder.kill()  # as a crash would end it: the kernel drops its lock
+        holder.wait()
+    with pytest.raises(ConfigError, match="already exists"):  # the directory is free: the usual checks follow
+        rundir.start(load_config("demo", [f"run.output_dir={run.parent}"]))

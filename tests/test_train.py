@@ -148,6 +148,52 @@ def test_resume_after_sigkill_continues_to_same_step_and_loss(tmp_path):
     assert state["global_step"] == 12
 
 
+def _two_at_once(args, cwd, run_dir):
+    """Start two recipes on one run directory at once. The one that claims it first is frozen (SIGSTOP) until
+    the other has ended, so the outcome does not hang on which is faster, and the run's files are compared
+    across the other's whole life. Returns both exit statuses, the loser's stderr and the winner's pid."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    errs = [cwd / f"stderr-{i}" for i in range(2)]
+    procs = []
+    for err in errs:
+        with open(err, "w") as f:
+            procs.append(subprocess.Popen([sys.executable, "-m", "kit.recipes.llama31_sft", *args], cwd=cwd,
+                                          env=env, stdout=subprocess.DEVNULL, stderr=f))
+    lock, deadline = run_dir / ".kit-lock", time.time() + 600
+    try:
+        while (winner := next((p for p in procs if lock.is_file() and lock.read_text().strip() == str(p.pid)),
+                              None)) is None:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "neither claimed the run"
+            time.sleep(0.05)
+        winner.send_signal(signal.SIGSTOP)
+        loser = procs[1 - procs.index(winner)]
+        files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        loser.wait(timeout=600)
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files, "the loser changed nothing"
+        winner.send_signal(signal.SIGCONT)
+        winner.wait(timeout=600)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return winner.returncode, loser.returncode, errs[procs.index(loser)].read_text(), winner.pid
+
+
+def test_one_process_at_a_time_trains_in_a_run_directory(tmp_path):
+    """Two new runs of one name at once, then two resumes of it at once: one trains, the other stops at once
+    (exit 2, naming the run and the process) and metrics.jsonl holds each step once."""
+    runs = tmp_path / "runs"
+    short = [s for s in SHORT if "max_steps" not in s and "max_examples" not in s]
+    common = ["--config", DEMO, f"run.output_dir={runs}", "data.max_examples=16", *short]
+    for args in (["train.max_steps=4"], ["train.max_steps=8", "train.resume_from_checkpoint=auto"]):
+        won, lost, err, pid = _two_at_once([*common, *args], tmp_path, runs / "demo")
+        assert won == 0 and lost == 2, err
+        assert f"error: run directory {runs / 'demo'} is in use: process {pid} is training in it" in err, err
+        assert "Traceback" not in err
+    steps = [m["step"] for m in _metrics(runs / "demo") if "loss" in m]
+    assert steps == list(range(1, 9)), steps
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     res = run_recipe(["--config", DEMO, f"run.output_dir={tmp_path}", "train.resume_from_checkpoint=auto"],
                      cwd=tmp_path, check=False)
