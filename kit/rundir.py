@@ -150,10 +150,12 @@ def start(cfg: Config) -> Optional[Path]:
             log.warning(f"run.overwrite: moved the previous run to {move_aside(run.path)}")
             _owned.pop(run.path.resolve()).close()  # its lock went aside with it
             _make(run.path, cfg)
+        _check_checkpoints(run)
         return None
     if resume == "auto":
         if _is_dir(run.path):
-            _make(run.path, cfg)  # claimed before an unfinished checkpoint is moved aside
+            _make(run.path, cfg)  # claimed and checked before an unfinished checkpoint is moved aside
+            _check_checkpoints(run)
         found = complete_checkpoints(run.checkpoints) if _is_dir(run.path) else []
         if not found:
             raise ConfigError(f"train.resume_from_checkpoint=auto: {run.checkpoints} holds no complete "
@@ -164,6 +166,7 @@ def start(cfg: Config) -> Optional[Path]:
         if not (checkpoint / TRAINER_STATE).is_file():
             raise ConfigError(f"train.resume_from_checkpoint={resume}: not a checkpoint folder (no {TRAINER_STATE}).")
         _make(run.path, cfg)
+        _check_checkpoints(run)
     check_checkpoint(checkpoint, cfg)
     log.info(f"resuming from {checkpoint} (step {checkpoint_step(checkpoint)})")
     return checkpoint
@@ -231,6 +234,16 @@ def _make(path: Path, cfg: Config) -> None:
         raise ConfigError(f"run.output_dir={cfg.run.output_dir}, run.name={cfg.run.name}: {problem}. Choose a "
                           "run.output_dir where you can write (and a shorter run.name if it is long).") from None
     claim(RunDir(path))
+
+
+def _check_checkpoints(run: RunDir) -> None:
+    """Checkpoints are saved, marked complete and rotated (renamed, deleted) while training: a folder there that
+    cannot be written is found now, not at the first save."""
+    folders = [run.checkpoints, *_checkpoints(run.checkpoints)]
+    if locked := [str(d) for d in folders if d.is_dir() and not os.access(d, os.W_OK | os.X_OK)]:
+        raise ConfigError(f"{', '.join(locked)}: cannot be written, and training saves and rotates its checkpoints "
+                          f"there. Make it writable (chmod -R u+w {shlex.quote(str(run.checkpoints))}), or choose "
+                          "another run.name=... for a new run.")
 
 
 def check_checkpoint(checkpoint: Path, cfg: Config) -> None:

@@ -4,6 +4,7 @@ or accepted with a warning that names the real number. Nothing here loads a mode
 import importlib.util
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -287,3 +288,29 @@ def test_a_run_directory_another_process_trains_in_is_refused_until_that_process
         holder.wait()
     with pytest.raises(ConfigError, match="already exists"):  # the directory is free: the usual checks follow
         rundir.start(load_config("demo", [f"run.output_dir={run.parent}"]))
+
+
+# ---------------------------------------------------------------- disk and permissions
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes past a folder's permission bits")
+@pytest.mark.parametrize("folder, resume", [
+    ("checkpoints", []),  # an attempt that stopped before training
+    ("checkpoints", ["train.resume_from_checkpoint=auto"]),
+    ("checkpoints/checkpoint-4", ["train.resume_from_checkpoint=auto"]),
+], ids=["new", "resume", "resume-checkpoint"])
+def test_a_read_only_checkpoint_folder_is_found_before_training(tmp_path, folder, resume):
+    from kit import rundir
+    run = tmp_path / "runs" / "demo"
+    (run / "checkpoints").mkdir(parents=True)
+    if resume:
+        checkpoint = run / "checkpoints" / "checkpoint-4"
+        shutil.copytree(ROOT / "tests" / "assets" / "adapter", checkpoint)
+        (checkpoint / "trainer_state.json").write_text('{"global_step": 4}')
+        (checkpoint / rundir.COMPLETE).write_text("4")
+    (run / folder).chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match=rf"{run / folder}: cannot be written, and training saves and rotates "
+                                              r"its checkpoints there\. Make it writable \(chmod -R u\+w"):
+            rundir.start(load_config("demo", [f"run.output_dir={run.parent}", "lora.r=4", "lora.alpha=8", *resume]))
+    finally:
+        (run / folder).chmod(0o755)
