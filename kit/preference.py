@@ -5,7 +5,8 @@ Formats, detected from the columns:
 - LLaMA-Factory's alpaca form: instruction, input (optional), chosen, rejected (answers as text);
 - TRL's explicit prompt: prompt, chosen, rejected, each text or a list of messages ({role, content});
 - TRL's implicit prompt: chosen and rejected conversations that share their prompt turns.
-Rows are read by kit.data (file and line in WHERE) and split like SFT's. Every problem found in the rows is
+Rows are read by kit.data (file and line in WHERE) and split like SFT's (data.eval_ratio also when the run does
+not evaluate during training: the held-out accuracy at the end needs the split). Every problem found in the rows is
 reported at once, one line each with its file and line: chosen equal to rejected, an empty side, a prompt or
 side that is not text or messages. A pair longer than model.max_seq_length is dropped with a warning
 (data.overlong=drop) or truncated at its end by TRL (truncate; a pair whose prompt alone fills it is dropped).
@@ -196,7 +197,7 @@ def load_pairs(cfg: Config, tokenizer) -> TrainingData:
     rows = load_rows(d.path, d.split, d.subset, d.revision)
     if d.eval_path or d.eval_split:
         eval_rows = load_rows(d.eval_path or d.path, d.eval_split or "train", d.subset, d.revision)
-    elif _splits_eval(cfg):
+    elif _splits_eval(cfg) or d.eval_ratio > 0:  # also without evaluations: the held-out accuracy at the end
         rows, eval_rows = split_eval(rows, d.eval_ratio, cfg.train.seed, d.path)
     else:
         eval_rows = None
@@ -234,16 +235,34 @@ def held_out_pairs(dataset, tokenizer, limit: Optional[int] = None) -> list[Held
     return [HeldOut(r["prompt"], r["question"], r["chosen"].removesuffix(end)) for r in rows]
 
 
-def sequence_logps(model, tokenizer, prompt: str, answer: str) -> float:
-    """log p(answer | prompt) under `model`: the sum over the answer's tokens."""
+def _answer_tokens(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
+    """prompt + answer tokenized, and where the answer's tokens start (where the prompt's own tokens end)."""
+    p_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + answer)["input_ids"]
+    start = 0
+    while start < min(len(p_ids), len(ids) - 1) and ids[start] == p_ids[start]:
+        start += 1
+    return ids, max(start, 1)
+
+
+def answer_logps(model, tokenizer, rows: list[tuple[str, str]], batch: int = 16) -> list[float]:
+    """log p(answer | prompt) under `model` for each (prompt, answer): the sum over the answer's tokens. Rows
+    go through in right-padded batches (a causal model's positions before the padding are unaffected)."""
     import torch
-    p_ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0]
-    ids = tokenizer(prompt + answer, return_tensors="pt")["input_ids"]
-    start = int((ids[0, :len(p_ids)] == p_ids[:ids.shape[1]]).long().cumprod(0).sum())  # where they diverge
-    with torch.no_grad():
-        logits = model(input_ids=ids.to(model.device)).logits.float()
-    logp = torch.log_softmax(logits[0, start - 1:-1], dim=-1)
-    return float(logp.gather(1, ids[0, start:].to(logp.device).unsqueeze(1)).sum())
+    encoded = [_answer_tokens(tokenizer, p, a) for p, a in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for i in range(0, len(encoded), batch):
+        part = encoded[i:i + batch]
+        width = max(len(ids) for ids, _ in part)
+        ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in part], device=model.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in part], device=model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:].unsqueeze(2)).squeeze(2)
+        for row, (x, start) in enumerate(part):  # token t is predicted at position t - 1
+            out.append(float(logp[row, start - 1:len(x) - 1].sum()))
+    return out
 
 
 def preference_accuracy(model, tokenizer, dataset, method: str) -> dict:
@@ -253,12 +272,12 @@ def preference_accuracy(model, tokenizer, dataset, method: str) -> dict:
     under the policy."""
     was_training = model.training
     model.eval()
-    policy, base = [], []
-    for r in dataset:
-        policy.append([sequence_logps(model, tokenizer, r["prompt"], r[s]) for s in ("chosen", "rejected")])
-        with model.disable_adapter():
-            base.append([sequence_logps(model, tokenizer, r["prompt"], r[s]) for s in ("chosen", "rejected")])
+    rows = [(r["prompt"], r[side]) for r in dataset for side in ("chosen", "rejected")]
+    flat_policy = answer_logps(model, tokenizer, rows)
+    with model.disable_adapter():
+        flat_base = answer_logps(model, tokenizer, rows)
     model.train(was_training)
+    policy, base = list(zip(flat_policy[::2], flat_policy[1::2])), list(zip(flat_base[::2], flat_base[1::2]))
     n = len(policy)
     margins = [(pc - bc) - (pr - br) for (pc, pr), (bc, br) in zip(policy, base)]
     return {
