@@ -47,6 +47,10 @@ class EvalError(KitError, ValueError):
     to provide it."""
 
 
+class RunError(KitError, RuntimeError):
+    """A run that the machine stopped: a full disk or an unwritable folder while training or saving."""
+
+
 class SetupError(KitError, RuntimeError):
     """A package the command needs is not installed: which one, and the command that installs it."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from kit import env
 from kit.errors import ExportError
 from kit.gguf import KQUANTS, QUANTS, check_exportable, check_quantizer, kquantize, modelfile, write_gguf
-from kit.io import atomic_dir, clean_leftovers
+from kit.io import atomic_dir, clean_leftovers, disk_full
 from kit.rundir import ADAPTER_WEIGHTS, RunDir, base_config, read_adapter
 from kit.template import generation_config
 
@@ -47,11 +47,6 @@ def check_space(target: Path, n_params: int, kind: str, tokenizer_bytes: int) ->
     if free < need:
         raise ExportError(f"not enough disk for {kind}: about {need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB "
                           f"free under {target.parent}. Free space or export elsewhere; nothing was written.")
-
-
-def _disk_full(e: Exception) -> bool:
-    """ENOSPC as Python raises it, or as the Rust writers (safetensors, tokenizers) word it in their own errors."""
-    return getattr(e, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(e)
 
 
 def write_merged16(model, tokenizer, out: Path) -> None:
@@ -94,7 +89,7 @@ def export(run_dir: Path, to: str, quant: str = "q8_0") -> Path:
                     write_gguf(model, tokenizer, tmp / name, quant, run.name)
                 (tmp / "Modelfile").write_text(modelfile(name, tokenizer))
     except Exception as e:
-        if _disk_full(e):
+        if disk_full(e):
             raise ExportError(f"the disk filled up while writing {target} ({os.strerror(errno.ENOSPC)}); the partial "
                               "export was removed and earlier exports are untouched. Free space and export again."
                               ) from None

@@ -7,6 +7,7 @@ the hidden leftovers of a killed writer are cleaned by the next write of the sam
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import logging
@@ -16,6 +17,11 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("kit")
+
+
+def disk_full(e: Exception) -> bool:
+    """ENOSPC as Python raises it, or as the Rust writers (safetensors, tokenizers) word it in their own errors."""
+    return getattr(e, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(e)
 
 
 @contextlib.contextmanager

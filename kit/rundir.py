@@ -34,8 +34,8 @@ from typing import IO, TYPE_CHECKING, Optional
 import yaml
 
 from kit import env, hub
-from kit.errors import AdapterError, ConfigError
-from kit.io import atomic_dir, atomic_write_text, move_aside, write_json
+from kit.errors import AdapterError, ConfigError, RunError
+from kit.io import atomic_dir, atomic_write_text, disk_full, move_aside, write_json
 from kit.llama import PROJECTIONS, projection_shapes
 
 if TYPE_CHECKING:
@@ -324,9 +324,28 @@ def interrupted(run: RunDir, command: list[str]) -> int:
     """Ctrl-C while a run trains: manifest.json says interrupted, and one line says the last step logged, the last
     complete checkpoint and the command that goes on from it (`command`: the one that was stopped). Changes
     nothing else (an unfinished checkpoint is set aside by the resume). 130: a shell's status after Ctrl-C."""
-    started = run.manifest.is_file() and read_manifest(run).get("status") == "training"
+    step, where = _stopped(run, "interrupted", command)
+    print(f"interrupted (Ctrl-C) in {run.path} after step {step}; {where}", file=sys.stderr)
+    return 130
+
+
+def failed(run: RunDir, error: Exception, command: list[str]) -> Optional[RunError]:
+    """A full disk or a folder made unwritable while the run trained or saved: manifest.json says failed, and the
+    error says what the system refused, the last complete checkpoint and the command that goes on from it. None
+    for any other error, or before training began (the error is then the library's own)."""
+    if not (isinstance(error, OSError) or disk_full(error)) or not _training(run):
+        return None
+    step, where = _stopped(run, "failed", command)
+    what = "the disk is full" if disk_full(error) else str(error)
+    return RunError(f"training in {run.path} stopped after step {step}: {what}. Free space or fix the folder's "
+                    f"permissions; {where}")
+
+
+def _stopped(run: RunDir, status: str, command: list[str]) -> tuple[int, str]:
+    """Mark a run that was training as `status`; the last step logged, and where and how to go on."""
+    started = _training(run)
     if started:
-        write_json(run.manifest, {**read_manifest(run), "status": "interrupted"})
+        write_json(run.manifest, {**read_manifest(run), "status": status})
     again = [a for a in command if not a.startswith(("train.resume_from_checkpoint=", "run.overwrite="))]
     found = _complete(run.checkpoints) if _is_dir(run.checkpoints) else []
     if found:
@@ -336,9 +355,11 @@ def interrupted(run: RunDir, command: list[str]) -> int:
         where = f"no complete checkpoint yet; start again with: {shlex.join([*again, 'run.overwrite=true'])}"
     else:
         where = f"training had not started; start it with: {shlex.join(again)}"
-    step = max((m["step"] for m in read_metrics(run.metrics)), default=0)
-    print(f"interrupted (Ctrl-C) in {run.path} after step {step}; {where}", file=sys.stderr)
-    return 130
+    return max((m["step"] for m in read_metrics(run.metrics)), default=0), where
+
+
+def _training(run: RunDir) -> bool:
+    return run.manifest.is_file() and read_manifest(run).get("status") == "training"
 
 
 def read_manifest(run: RunDir) -> dict:

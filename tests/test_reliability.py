@@ -260,6 +260,45 @@ def test_ctrl_c_before_a_checkpoint_or_before_training(tmp_path, capsys):
     assert not fresh.path.exists(), "nothing written"
 
 
+@pytest.mark.parametrize("stop, code, expected", [
+    (KeyboardInterrupt(), 130, "interrupted (Ctrl-C) in {run} after step 20; last complete checkpoint: "),
+    (OSError(28, "No space left on device"), 2, "error: training in {run} stopped after step 20: the disk is full. "
+     "Free space or fix the folder's permissions; last complete checkpoint: "),
+    (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on "
+                  "device\" }) (os error 28)"), 2, "error: training in {run} stopped after step 20: the disk is full."),
+], ids=["ctrl-c", "ENOSPC", "safetensors-full"])
+def test_the_recipe_marks_a_run_stopped_while_training(tmp_path, monkeypatch, capsys, stop, code, expected):
+    """The recipe's command (kit.recipes.llama31_sft) with its training replaced by one that stops mid-run."""
+    from kit.recipes import llama31_sft
+    from kit.rundir import read_manifest
+
+    def stopped(cfg, *args, **kwargs):
+        _training_run(tmp_path, checkpoints=[(10, True)])
+        raise stop
+    monkeypatch.setattr(llama31_sft, "run", stopped)
+    argv = ["--config", "demo", f"run.output_dir={tmp_path / 'runs'}"]
+    assert llama31_sft.main(argv) == code
+    run = tmp_path / "runs" / "demo"
+    err = capsys.readouterr().err
+    assert err.startswith(expected.format(run=run)) and "Traceback" not in err, err
+    assert err.rstrip().endswith(f"{' '.join(argv[:2])} run.output_dir={tmp_path / 'runs'} "
+                                 "train.resume_from_checkpoint=auto"), err
+    assert read_manifest(llama31_sft.RunDir(run))["status"] == ("interrupted" if code == 130 else "failed")
+
+
+def test_an_error_that_is_not_the_disks_stays_the_librarys_and_the_run_is_left_as_it_was(tmp_path, monkeypatch):
+    from kit.recipes import llama31_sft
+    from kit.rundir import read_manifest
+
+    def broken(cfg, *args, **kwargs):
+        _training_run(tmp_path)
+        raise ValueError("a library's own bug")
+    monkeypatch.setattr(llama31_sft, "run", broken)
+    with pytest.raises(ValueError, match="a library's own bug"):
+        llama31_sft.main(["--config", "demo", f"run.output_dir={tmp_path / 'runs'}"])
+    assert read_manifest(llama31_sft.RunDir(tmp_path / "runs" / "demo"))["status"] == "training"
+
+
 # ---------------------------------------------------------------- two processes on one run directory
 
 def test_a_run_directory_another_process_trains_in_is_refused_until_that_process_ends(tmp_path):

@@ -129,7 +129,7 @@ def tokenizer_source(cfg: Config, base: str) -> str:
 
 def start_run(cfg: Config, devices: int) -> Optional[Path]:
     """The run directory, created; on resume, the checkpoint to go on from, written by as many processes."""
-    trackers.check_installed(cfg.train.trackers)  # before the run directory changes
+    trackers.check(cfg)  # before the run directory changes and the model loads
     if "gguf" in cfg.export.formats:  # not after an hour of training
         gguf.check_quantizer(cfg.export.gguf_quant, f"export.gguf_quant={cfg.export.gguf_quant}")
     resume = rundir.start(cfg)
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None, prog: str = PROG, recipe: str = DEFAULT_
     if args.help_config:
         print(describe())
         return 0
+    cfg, command = None, [*prog.split(), *argv]
     try:
         cfg = load_config(args.config or recipe, args.overrides)
         if cfg.train.method not in methods:
@@ -186,6 +187,15 @@ def main(argv: list[str] | None = None, prog: str = PROG, recipe: str = DEFAULT_
             run(cfg, world, plan_only=args.plan, devices=devices, module=module)
     except KitError as e:
         return exit_with(e) if world.main else 2  # every rank meets the same problem; rank 0 reports it
+    except KeyboardInterrupt:
+        if cfg is None or args.plan or not world.main:
+            return 130
+        return rundir.interrupted(RunDir(cfg.run_dir), command)
+    except Exception as e:  # a full disk or an unwritable folder while training or saving: the run says failed
+        stopped = rundir.failed(RunDir(cfg.run_dir), e, command) if cfg and world.main and not args.plan else None
+        if stopped is None:
+            raise
+        return exit_with(stopped)
     finally:
         distributed.leave(world)
     return 0
