@@ -11,6 +11,7 @@ from kit.config import load_config
 from kit.data import PAIRS, PAIRS_FILE, SAMPLE_FILE, load_rows
 from kit.errors import ConfigError, DataError
 from kit.preference import prepare_pairs
+from kit.rundir import LOCK
 
 COMMON = dict(system_prompt=None, max_len=256, overlong="drop")
 
@@ -19,6 +20,34 @@ def run_dpo(args, cwd, timeout=1500):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "kit.recipes.dpo", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def dpo_demo_run(tmp_path_factory):
+    """The shipped dpo_demo recipe, exactly as configured, trained once on CPU (a few minutes)."""
+    cwd = tmp_path_factory.mktemp("dpo_demo")
+    res = run_dpo(["--config", "dpo_demo", f"run.output_dir={cwd / 'runs'}"], cwd)
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return cwd / "runs" / "dpo_demo", res
+
+
+def test_dpo_demo_prefers_chosen_on_held_out_pairs(dpo_demo_run):
+    run, res = dpo_demo_run
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["method"] == "dpo" and manifest["reference"] == "base with the adapter disabled"
+    assert manifest["command"].split()[1:3] == ["-m", "kit.recipes.dpo"], manifest["command"]
+    p = manifest["preference"]
+    assert p["pairs"] == manifest["dataset"]["eval_examples"] == 28, p
+    # the policy's log-ratio against the reference prefers chosen; at the start (policy = reference) it is 0 for
+    # every pair, so the untrained model scores 0
+    assert p["accuracy"] >= 0.9 > p["start_accuracy"] == 0.0, p
+    assert p["policy_logprob_accuracy"] > p["base_logprob_accuracy"], p
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for r in rows for k in r}
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= logged, sorted(logged)
+    assert "kit: training finished" in res.stdout and "held-out preference accuracy" in res.stdout
+    assert (run / "loss.png").is_file() and (run / "adapter" / "adapter_config.json").is_file()
+    assert not (run / "adapter" / "ref").exists()  # TRL's frozen copy of the adapter is not saved
 
 
 def test_bad_pairs_exit_2_with_one_message_each_and_nothing_written(tmp_path):
@@ -39,7 +68,8 @@ def test_bad_pairs_exit_2_with_one_message_each_and_nothing_written(tmp_path):
     assert f"{data}, line 5: rejected is empty" in err
     assert f"{data}, line 6: chosen is empty" in err
     assert "3 problem(s)" in err and "Traceback" not in err
-    assert not any(p.is_file() for p in runs.rglob("*"))  # no config, manifest, checkpoint or adapter
+    # no config, manifest, checkpoint or adapter (the run directory's lock, kit.rundir.LOCK, aside)
+    assert not [p for p in runs.rglob("*") if p.is_file() and p.name != LOCK]
 
 
 def test_missing_columns_name_the_columns_and_the_fix(tmp_path, tokenizer):
@@ -107,5 +137,38 @@ def test_orpo_trains_two_steps_without_a_reference(tmp_path):
     manifest = json.loads((runs / "dpo_demo" / "manifest.json").read_text())
     assert manifest["method"] == "orpo" and manifest["reference"] == "none (ORPO)"
     assert manifest["result"]["steps"] == 2
+    # TRL's ORPO batches have no input_ids: the kit counts their chosen and rejected rows (tokens/s was 0)
+    assert manifest["result"]["tokens"] > 0 and manifest["result"]["tokens_per_s"] > 0, manifest["result"]
     rows = [json.loads(line) for line in (runs / "dpo_demo" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in rows)
+
+
+def test_plan_counts_the_reference_forward_for_dpo_not_orpo(capsys):
+    """--plan (no model, no data): DPO's memory estimate carries the reference forward, ORPO's has none; the
+    rest (policy weights, LoRA, the chosen and rejected rows' activations) is the same."""
+    from kit.recipes import dpo
+
+    def memory(*overrides):
+        assert dpo.main(["--plan", "--examples", "1000", *overrides]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if "GPU memory" in line)
+        return float(line.split("~")[1].split(" GiB")[0]), line
+
+    (d, d_line), (o, o_line) = (memory(f"train.method={m}", "train.gradient_checkpointing=true")
+                                for m in ("dpo", "orpo"))
+    assert "+ reference forward 2.1" in d_line and "reference" not in o_line, (d_line, o_line)
+    assert o == round(d - 2.1, 1), (d_line, o_line)
+    # on an 80 GiB card ORPO's largest micro-batch fits without recompute; DPO's needs checkpointing
+    assert "checkpointing off) + loss" in memory("train.method=orpo", "model.gpu_memory_gib=80")[1]
+    assert "checkpointing on) + loss" in memory("train.method=dpo", "model.gpu_memory_gib=80")[1]
+
+
+def test_a_dpo_run_records_and_launches_its_own_recipe(monkeypatch):
+    from kit import distributed, report
+    direct = report.command_line(["/x/kit/recipes/dpo.py", "--config", "dpo_demo"], module="kit.recipes.dpo")
+    assert direct.endswith("-m kit.recipes.dpo --config dpo_demo"), direct
+    assert report.command_line(["/usr/bin/kit", "train", "--config", "dpo_demo"], module="kit.recipes.llama31_sft") \
+        == "kit train --config dpo_demo"
+    started = []
+    monkeypatch.setattr(distributed.os, "execv", lambda exe, command: started.append(command))
+    distributed.launch(2, ["--config", "dpo_demo"], "kit.recipes.dpo")
+    assert started[0][-4:] == ["-m", "kit.recipes.dpo", "--config", "dpo_demo"]
