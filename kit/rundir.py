@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import json
@@ -198,6 +199,14 @@ def claim(run: RunDir) -> None:
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     _owned[run.path.resolve()] = lock
+    atexit.register(_release, run)
+
+
+def _release(run: RunDir) -> None:
+    """At exit, a run that never began training (a refusal, a failed load) keeps nothing of this process: its lock
+    file goes (still held while it goes, so no other process can have claimed it)."""
+    if not run.manifest.exists():
+        (run.path / LOCK).unlink(missing_ok=True)
 
 
 # what a run may hold before its training starts (a random base, the trackers' records, an empty checkpoint

@@ -11,7 +11,6 @@ from kit.config import load_config
 from kit.data import PAIRS, PAIRS_FILE, SAMPLE_FILE, load_rows
 from kit.errors import ConfigError, DataError
 from kit.preference import prepare_pairs
-from kit.rundir import LOCK
 
 COMMON = dict(system_prompt=None, max_len=256, overlong="drop")
 
@@ -68,8 +67,7 @@ def test_bad_pairs_exit_2_with_one_message_each_and_nothing_written(tmp_path):
     assert f"{data}, line 5: rejected is empty" in err
     assert f"{data}, line 6: chosen is empty" in err
     assert "3 problem(s)" in err and "Traceback" not in err
-    # no config, manifest, checkpoint or adapter (the run directory's lock, kit.rundir.LOCK, aside)
-    assert not [p for p in runs.rglob("*") if p.is_file() and p.name != LOCK]
+    assert not [p for p in runs.rglob("*") if p.is_file()]  # no config, manifest, lock, checkpoint or adapter
 
 
 def test_missing_columns_name_the_columns_and_the_fix(tmp_path, tokenizer):
