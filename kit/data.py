@@ -380,7 +380,7 @@ def _text(value: Any, where: str, numbers: Optional[list[str]]) -> Optional[str]
     return value
 
 
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 def _chat_messages(turns, where: str, numbers: Optional[list[str]]) -> list[dict]:
@@ -393,10 +393,10 @@ def _chat_messages(turns, where: str, numbers: Optional[list[str]]) -> list[dict
         role = t.get("role") or t.get("from")  # a column's rows share their keys: the other style's are null
         content = _text(t["content"] if t.get("content") is not None else t.get("value"), f"{where}, turn {i}",
                         numbers)
-        if role not in _SHAREGPT_ROLES or content is None:
+        if role not in SHAREGPT_ROLES or content is None:
             raise DataError(f"{where}: turn {i} needs role (system/user/assistant, or ShareGPT from "
                             f"human/gpt) and text content; got role={role!r}.")
-        msgs.append({"role": _SHAREGPT_ROLES[role], "content": content})
+        msgs.append({"role": SHAREGPT_ROLES[role], "content": content})
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: the conversation has no assistant turn, so there is nothing to learn.")
     return msgs
@@ -484,7 +484,7 @@ def prepare(ds, tokenizer, *, fmt: str, fields: dict, system_prompt, max_len: in
         out.append(ex)
     if not out:
         dropped = dropped_masked + dropped_long
-        raise DataError(f"{source}: every example would have all its labels masked or was dropped ({_few(dropped)}): "
+        raise DataError(f"{source}: every example would have all its labels masked or was dropped ({few(dropped)}): "
                         "no assistant answer survives within model.max_seq_length. Raise max_seq_length, shorten the "
                         "prompts, or set data.overlong=truncate.")
     n_tokens = sum(len(e["input_ids"]) for e in out)
@@ -494,7 +494,7 @@ def prepare(ds, tokenizer, *, fmt: str, fields: dict, system_prompt, max_len: in
                     numbers_as_text=numbers, mean_tokens=n_tokens / len(out), trained_tokens=trained)
 
 
-def _few(wheres: list[str], n: int = 5) -> str:
+def few(wheres: list[str], n: int = 5) -> str:
     return "; ".join(wheres[:n]) + (f"; ... ({len(wheres)} in all)" if len(wheres) > n else "")
 
 
@@ -535,17 +535,17 @@ def load_data(cfg: Config, tokenizer) -> TrainingData:
             log.warning(f"{name}: {p.truncated} example(s) longer than max_seq_length={cfg.model.max_seq_length} "
                         "were truncated (data.overlong=drop drops them instead).")
         if p.dropped_overlong:
-            log.warning(f"{name}: dropped {len(p.dropped_overlong)} over-long example(s): {_few(p.dropped_overlong)}")
+            log.warning(f"{name}: dropped {len(p.dropped_overlong)} over-long example(s): {few(p.dropped_overlong)}")
         if p.dropped_masked:
             log.warning(f"{name}: dropped {len(p.dropped_masked)} example(s) with no trainable token left: "
-                        f"{_few(p.dropped_masked)}")
+                        f"{few(p.dropped_masked)}")
         if p.numbers_as_text:
             log.warning(f"{name}: {len(p.numbers_as_text)} number(s) where text is expected, used as text: "
-                        f"{_few(p.numbers_as_text)}")
+                        f"{few(p.numbers_as_text)}")
         if p.control_text:
             log.warning(f"{name}: {len(p.control_text)} example(s) hold control-token text of the chat format "
                         "(such as '<|eot_id|>') in a message: trained as plain text, not as control tokens. Remove it "
-                        f"if it is not meant to be there: {_few(p.control_text)}")
+                        f"if it is not meant to be there: {few(p.control_text)}")
     asked = cfg.train.sample_prompts
     if data.eval is not None and asked > len(data.eval.dataset) and cfg.train.eval_strategy != "no":
         log.warning(f"train.sample_prompts={asked}, but the eval split holds {len(data.eval.dataset)} example(s): "
@@ -560,17 +560,26 @@ def _splits_eval(cfg: Config) -> bool:
     return not (d.eval_path or d.eval_split) and d.eval_ratio > 0 and cfg.train.eval_strategy != "no"
 
 
-def _one_dataset(cfg: Config, tokenizer, common: dict) -> TrainingData:
+def train_and_eval_rows(cfg: Config, held_out: bool = False):
+    """One dataset's training rows (at most data.max_examples) and eval rows (None without): an eval file or
+    split, else data.eval_ratio of the rows split off when the run evaluates or, with `held_out`, whenever the
+    ratio is set (a held-out set scored once at the end)."""
     d = cfg.data
     rows = load_rows(d.path, d.split, d.subset, d.revision)
     if d.eval_path or d.eval_split:
         eval_rows = load_rows(d.eval_path or d.path, d.eval_split or "train", d.subset, d.revision)
-    elif _splits_eval(cfg):
+    elif _splits_eval(cfg) or (held_out and d.eval_ratio > 0):
         rows, eval_rows = split_eval(rows, d.eval_ratio, cfg.train.seed, d.path)
     else:
         eval_rows = None
     if d.max_examples:
         rows = rows.select(range(min(d.max_examples, len(rows))))
+    return rows, eval_rows
+
+
+def _one_dataset(cfg: Config, tokenizer, common: dict) -> TrainingData:
+    d = cfg.data
+    rows, eval_rows = train_and_eval_rows(cfg)
     common = dict(common, fmt=d.format, fields=d.fields)
     return TrainingData(
         train=prepare(rows, tokenizer, source=d.path, **common),

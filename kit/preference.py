@@ -18,7 +18,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Optional
 
-from kit.data import _SHAREGPT_ROLES, WHERE, Prepared, TrainingData, _few, _splits_eval, load_rows, split_eval
+from kit.data import SHAREGPT_ROLES, WHERE, Prepared, TrainingData, few, train_and_eval_rows
 from kit.errors import DataError
 from kit.heldout import HeldOut
 from kit.template import chat_format, render
@@ -71,9 +71,9 @@ def _messages(value: Any, what: str) -> list[dict]:
         role = m.get("role") or m.get("from") if isinstance(m, dict) else None
         content = m.get("content") if isinstance(m, dict) and m.get("content") is not None else (
             m.get("value") if isinstance(m, dict) else None)
-        if role not in _SHAREGPT_ROLES or not isinstance(content, str):
+        if role not in SHAREGPT_ROLES or not isinstance(content, str):
             raise _Problem(f"{what}, message {i} needs a role (system/user/assistant) and text content")
-        out.append({"role": _SHAREGPT_ROLES[role], "content": content})
+        out.append({"role": SHAREGPT_ROLES[role], "content": content})
     return out
 
 
@@ -183,7 +183,7 @@ def prepare_pairs(ds, tokenizer, *, system_prompt: Optional[str], max_len: int, 
         raise DataError(head + "".join(f"\n  {p}" for p in listed))
     if not out:
         raise DataError(f"{source}: every pair is longer than model.max_seq_length={max_len} tokens "
-                        f"({_few(dropped)}); raise model.max_seq_length or shorten the pairs.")
+                        f"({few(dropped)}); raise model.max_seq_length or shorten the pairs.")
     tokens = [e["tokens"] for e in out]
     return Prepared(dataset=datasets.Dataset.from_list(out), fingerprint=h.hexdigest()[:16], truncated=truncated,
                     dropped_overlong=dropped, mean_tokens=sum(tokens) / len(tokens), trained_tokens=sum(tokens))
@@ -194,15 +194,7 @@ def load_pairs(cfg: Config, tokenizer) -> TrainingData:
     d = cfg.data
     if d.mixture:  # refused by the config's validation too
         raise DataError("data.path: mixtures of preference datasets are not supported yet; give one dataset.")
-    rows = load_rows(d.path, d.split, d.subset, d.revision)
-    if d.eval_path or d.eval_split:
-        eval_rows = load_rows(d.eval_path or d.path, d.eval_split or "train", d.subset, d.revision)
-    elif _splits_eval(cfg) or d.eval_ratio > 0:  # also without evaluations: the held-out accuracy at the end
-        rows, eval_rows = split_eval(rows, d.eval_ratio, cfg.train.seed, d.path)
-    else:
-        eval_rows = None
-    if d.max_examples:
-        rows = rows.select(range(min(d.max_examples, len(rows))))
+    rows, eval_rows = train_and_eval_rows(cfg, held_out=True)  # the held-out accuracy is scored at the end
     common = dict(system_prompt=d.system_prompt, max_len=cfg.model.max_seq_length, overlong=d.overlong)
     problems, parts = [], []
     for part_rows, source in ((rows, d.path), (eval_rows, d.eval_path or f"{d.path} (eval)")):
@@ -221,7 +213,7 @@ def load_pairs(cfg: Config, tokenizer) -> TrainingData:
             continue
         if p.dropped_overlong:
             log.warning(f"{name}: dropped {len(p.dropped_overlong)} pair(s) longer than model.max_seq_length="
-                        f"{cfg.model.max_seq_length}: {_few(p.dropped_overlong)}")
+                        f"{cfg.model.max_seq_length}: {few(p.dropped_overlong)}")
         if p.truncated:
             log.warning(f"{name}: {p.truncated} pair(s) longer than model.max_seq_length={cfg.model.max_seq_length} "
                         "are cut at the end of their answers (data.overlong=drop drops them instead).")
