@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from kit.config import RECIPES, TRAIN_KIT_ONLY, ConfigError, TrainConfig, all_keys, check_device, load_config
+from kit.config import RECIPES, TRAIN_KIT_ONLY, Config, ConfigError, TrainConfig, all_keys, check_device, load_config
 from tests.helpers import ROOT
 
 
@@ -132,8 +132,23 @@ def test_every_config_field_is_read_by_the_code():
     source = "\n".join(p.read_text() for p in (ROOT / "kit").rglob("*.py") if p.name != "config.py")
     source += (ROOT / "kit/config.py").read_text().split("# " + "-" * 64 + " validation")[1]
     passed_through = {f"train.{k}" for k in TrainConfig().training_arguments()}  # read by TRL, by name
-    unread = [k for k in all_keys()
-              if k not in passed_through and not re.search(rf"\.{k.split('.')[-1]}\b", source)]
+    # a section is read as itself (cfg.lora.r) or through a name bound to it: `lo = cfg.lora`,
+    # `t, m = cfg.train, cfg.model`, or a parameter annotated with its class (`t: TrainConfig`)
+    aliases: dict[str, set[str]] = {}
+    for targets, values in re.findall(r"^\s*(\w+(?:\s*,\s*\w+)*)\s*=\s*(\w+\.\w+(?:\s*,\s*\w+(?:\.\w+)*)*)\s*(?:#.*)?$",
+                                      source, re.M):
+        for name, value in zip(re.split(r"\s*,\s*", targets), re.split(r"\s*,\s*", values)):
+            if value.count(".") == 1:
+                aliases.setdefault(value.split(".")[1], set()).add(name)
+
+    def read(key: str) -> bool:
+        section, field = key.split(".", 1)
+        cls = type(getattr(Config(), section)).__name__
+        names = {section} | aliases.get(section, set()) | set(re.findall(rf"\b(\w+)\s*:\s*[\"']?{cls}\b", source))
+        return bool(re.search(rf"\b(?:{'|'.join(map(re.escape, sorted(names)))})\.{re.escape(field)}\b", source))
+
+    assert not read("lora.name") and not read("data.strip"), "the match is the dotted access, not a word"
+    unread = [k for k in all_keys() if k not in passed_through and not read(k)]
     assert not unread, f"config fields no code reads: {unread}"
 
 
@@ -152,10 +167,10 @@ def test_train_fields_pass_through_to_sft_config_by_name_or_are_kit_only():
                              "train.warmup_ratio=0.2", "train.max_steps=9", "train.eval_steps=5"])
     how = execution(cfg, None, cuda=False, card_gib=None, steps=9)
     args = sft_config(cfg, Backend("hf", Device("cpu", "cpu", False), "fp32"), RunDir(ROOT / "runs" / "unused"), how)
-    passed = cfg.train.training_arguments()
-    assert set(passed) == {f.name for f in dataclasses.fields(TrainConfig)} - set(TRAIN_KIT_ONLY)
-    for name, value in passed.items():
-        assert getattr(args, name) == value, name
+    for name in {f.name for f in dataclasses.fields(TrainConfig)} - set(TRAIN_KIT_ONLY):  # every field, by name
+        assert getattr(args, name) == getattr(cfg.train, name), name
+    assert (args.per_device_eval_batch_size, args.lr_scheduler_type, args.weight_decay, args.seed, args.max_steps,
+            args.eval_steps) == (3, "cosine", 0.01, 7, 9, 5), "the overrides, as set"
     assert args.warmup_steps == 0.2 and args.gradient_checkpointing is False
     assert args.train_sampling_strategy == how.sampling == "random"  # auto on CPU: the guide's random batches
     assert args.padding_free is how.padding_free is False
