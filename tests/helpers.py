@@ -1,4 +1,5 @@
 """What the tests share besides fixtures (those are in conftest.py)."""
+import functools
 import importlib.util
 import json
 import os
@@ -90,6 +91,21 @@ def decided_greedy_text(model, tokenizer, messages: list[dict], max_new_tokens: 
     close = np.flatnonzero(margins <= 2 * tolerance)
     n = int(close[0]) if close.size else len(tokens)
     return tokenizer.decode(tokens[:n], skip_special_tokens=True).rstrip("\ufffd")  # a cut multi-byte char
+
+
+def adapter_reference(run_dir: Path, text: str, max_new_tokens: int = 48) -> str:
+    """The run's greedy answer to the user turn `text` (base + adapter through PEFT, fp32: kit verify's
+    reference) up to its first near-tie by kit verify's own bound for a server (two logits within TIE_NATS:
+    bf16 rounding decides them); a served answer must start with it."""
+    from kit.verify import TIE_NATS
+    return decided_greedy_text(*_adapter_model(str(run_dir)), [{"role": "user", "content": text}], max_new_tokens,
+                               tolerance=TIE_NATS / 2)
+
+
+@functools.lru_cache(maxsize=2)
+def _adapter_model(run_dir: str):
+    from kit.infer import load_adapter_model
+    return load_adapter_model(Path(run_dir))
 
 
 BENCH = Path(__file__).parent.parent / "bench"

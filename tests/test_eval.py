@@ -12,6 +12,18 @@ from kit import evaluation
 from kit.errors import EvalError
 
 
+def _rouge_l(reference: str, answer: str) -> float:
+    """ROUGE-L F1 over whitespace-separated words, written out here (not the kit's scorer): the longest common
+    subsequence's share of the answer (precision) and of the reference (recall)."""
+    ref, ans = reference.split(), answer.split()
+    lcs = [[0] * (len(ans) + 1) for _ in range(len(ref) + 1)]
+    for i, r in enumerate(ref):
+        for j, a in enumerate(ans):
+            lcs[i + 1][j + 1] = lcs[i][j] + 1 if r == a else max(lcs[i][j + 1], lcs[i + 1][j])
+    n = lcs[-1][-1]
+    return 0.0 if n == 0 else 2 * (n / len(ans)) * (n / len(ref)) / (n / len(ans) + n / len(ref))
+
+
 def _kit_eval(*args, cwd):
     return subprocess.run([sys.executable, "-m", "kit.cli", "eval", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=900)
@@ -71,7 +83,7 @@ def test_eval_scores_the_held_out_split_and_records_it(evaluated):
         assert s["arguments"][0][0] == s["doc"]["prompt"]  # as trained, up to the answer's header
         assert s["doc"]["prompt"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
         assert s["exact_match"] == float(answer.strip() == s["doc"]["reference"].strip())
-        assert s["rougeL"] == evaluation.scores(s["doc"], [answer])["rougeL"]
+        assert s["rougeL"] == pytest.approx(_rouge_l(s["doc"]["reference"], answer))
     scores = summary["scores"]
     assert scores["exact_match"] == pytest.approx(mean(s["exact_match"] for s in samples))
     assert scores["rougeL"] == pytest.approx(mean(s["rougeL"] for s in samples))
@@ -125,7 +137,13 @@ def test_an_installed_task_runs_by_name_through_the_chat_template(demo_run, tmp_
         context = s["arguments"][0][0]
         assert context.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
         assert context.endswith(f"{question(row)}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert samples[0]["exact_match"] == 1.0, "the first trained question gets its trained answer (test_train)"
+    from kit.infer import load_adapter_model
+    from tests.helpers import decided_greedy_text
+    model, tokenizer = load_adapter_model(run_dir)  # the first trained question gets its trained answer (test_train),
+    decided = decided_greedy_text(model, tokenizer, [{"role": "user", "content": question(rows[0])}], 48, 0.01)
+    assert decided and rows[0]["output"].startswith(decided)  # equal up to a near-tie (tests/helpers.py)
+    assert samples[0]["filtered_resps"][0].startswith(decided)
+    assert samples[0]["exact_match"] == 1.0 or decided != rows[0]["output"]
     assert recorded["kit_test_capitals"]["scores"]["exact_match"] == mean(s["exact_match"] for s in samples)
     assert json.loads((run_dir / "manifest.json").read_text())["evaluation"]["adapter"] == recorded
 

@@ -93,8 +93,9 @@ def test_f16_gguf_in_llama_cpp_matches_transformers_and_stops(exported, referenc
         n = decided_tokens(logits, len(ids), cont, tol)
         assert got[:n] == cont[:n], p  # the same greedy tokens, the stop token included
         assert float(np.abs(lg - logits).max()) < tol
-        if i < 3:  # trained questions: the answer ends at <|eot_id|> and llama.cpp stops there too
-            assert got[-1] == EOT_ID and len(got) < 48
+        if i < 3:  # trained questions: the answer ends at <|eot_id|>, and llama.cpp stops there too where no
+            assert cont[-1] == EOT_ID and len(cont) < 48  # near-tie came before it (got[:n] == cont[:n] then)
+            assert n < len(cont) or (got[-1] == EOT_ID and len(got) == len(cont))
 
 
 def test_gguf_carries_llama31_metadata(exported):

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from kit import preflight, serve
-from tests.helpers import free_port, question, train_rows
+from tests.helpers import adapter_reference, free_port, question, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,10 @@ def test_models_lists_base_and_adapter(client, server):
 def test_adapter_gives_trained_answer_and_base_differs(client, server, demo_run):
     row = train_rows(demo_run[0])[0]
     tuned = _answer(client, "demo", question(row))
-    assert tuned.message.content == row["output"]
-    assert tuned.finish_reason == "stop"  # stopped at <|eot_id|>
+    decided = adapter_reference(demo_run[0], question(row))  # equal up to a near-tie (tests/helpers.py)
+    assert decided and row["output"].startswith(decided) and tuned.message.content.startswith(decided)
+    if decided == row["output"]:  # no near-tie: the whole trained answer, stopped at <|eot_id|>
+        assert tuned.message.content == row["output"] and tuned.finish_reason == "stop"
     base = _answer(client, server[1].base, question(row))
     assert base.message.content != row["output"]
 
@@ -79,16 +81,20 @@ def test_chat_cli_streams_and_names_the_model(server, demo_run):
     out = subprocess.run([sys.executable, "-m", "kit.cli", "chat", "--url", server[0].url + "/v1", "--model", "demo",
                           "--prompt", question(row)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == f"[demo] {row['output']}"
+    decided = adapter_reference(demo_run[0], question(row))
+    assert decided and out.stdout.startswith(f"[demo] {decided}")  # equal up to a near-tie (tests/helpers.py)
+    if decided == row["output"]:
+        assert out.stdout.strip() == f"[demo] {row['output']}"
 
 
 def test_verify_compares_the_server_with_base_plus_adapter(server, demo_run):
-    from kit.verify import verify
+    from kit.verify import THRESHOLDS, verify
     rows = train_rows(demo_run[0]).select(range(2))
     prompts = [question(r) for r in rows]
     results = verify(demo_run[0], server[0].url + "/v1", "demo", prompts)
     srv = [r for r in results if r.target == "server:demo"][0]
-    assert srv.agreement == 1.0 and srv.stopped and srv.passed
+    # kit verify's own bar: agreement at its threshold, or answers that part from the reference at a near-tie
+    assert srv.passed and srv.stopped and (srv.agreement >= THRESHOLDS["server"][0] or srv.near_ties)
 
 
 def test_the_server_says_its_tokens_and_renders_the_trained_template(client, demo_run):
@@ -103,8 +109,12 @@ def test_the_server_says_its_tokens_and_renders_the_trained_template(client, dem
                                        temperature=0, max_tokens=48, extra_body={"return_token_ids": True})
     served = served_answer(r, tok)
     assert served.prompt == prompt_ids(tok, question(row))
-    assert served.stopped and tok.decode(served.tokens) == r.choices[0].message.content == row["output"]
-    assert r.choices[0].token_ids[len(served.tokens):] == [tok.convert_tokens_to_ids("<|eot_id|>")]
+    decided = adapter_reference(demo_run[0], question(row))  # equal up to a near-tie (tests/helpers.py)
+    assert tok.decode(served.tokens) == r.choices[0].message.content and decided
+    assert r.choices[0].message.content.startswith(decided) and row["output"].startswith(decided)
+    if served.stopped:  # the stop token is the answer's own, after its tokens
+        assert r.choices[0].token_ids[len(served.tokens):] == [tok.convert_tokens_to_ids("<|eot_id|>")]
+    assert served.stopped or decided != row["output"], "no near-tie: the trained answer, stopped at <|eot_id|>"
 
 
 def test_adapters_load_needs_a_server_started_with_runtime_adapters(server, demo_run, capsys):
