@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import ASSETS, run_recipe
+from tests.helpers import ASSETS, make_default, run_recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -36,10 +36,11 @@ def demo_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_run(tmp_path_factory):
-    """The shipped smollm2 recipe, exactly as configured (a real model: SmolLM2-135M-Instruct, ChatML), trained
-    once per session on CPU into a temporary runs/."""
+    """The shipped smollm2 recipe as make demo trains it (its DEMO_TRAIN: one epoch; a real model,
+    SmolLM2-135M-Instruct, ChatML), once per session on CPU into a temporary runs/."""
     cwd = tmp_path_factory.mktemp("smollm2")
-    res = run_recipe(["--config", "smollm2", f"run.output_dir={cwd / 'runs'}"], cwd=cwd, timeout=2400)
+    res = run_recipe(["--config", "smollm2", *make_default("DEMO_TRAIN"), f"run.output_dir={cwd / 'runs'}"], cwd=cwd,
+                     timeout=2400)
     return cwd / "runs" / "smollm2", res
 
 

@@ -3,6 +3,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,13 @@ from kit.config import RECIPES
 from kit.llama import STOP_TOKEN_IDS
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_default(variable: str) -> list[str]:
+    """A Makefile variable's default, as arguments: make demo's settings (DEMO_TRAIN, DEMO_COMPARE), which the
+    session's smollm2 run and its scores share, so the tests train and score what the demo shows."""
+    found = re.search(rf"^{variable}\s*\?=(.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    return found.group(1).split()
 ASSETS = ROOT / "tests" / "assets"
 DEMO = str(RECIPES / "demo.yaml")  # the shipped recipe's file, passed as a path as users may
 

@@ -10,6 +10,7 @@ import yaml
 
 from kit import evaluation
 from kit.errors import EvalError
+from tests.helpers import make_default
 
 
 def _rouge_l(reference: str, answer: str) -> float:
@@ -159,12 +160,13 @@ def test_base_and_merged_together_are_refused_with_what_each_means(adapter_run):
 
 @pytest.fixture(scope="module")
 def smollm2_scored(smollm2_run, tmp_path_factory):
-    """A copy of the session's smollm2 run (its record is shared), scored by `kit eval --base` and `kit eval`."""
+    """A copy of the session's smollm2 run (its record is shared), scored by `kit eval --base` and `kit eval` with
+    make demo's answer length and batch (DEMO_COMPARE)."""
     import shutil
     run_dir = tmp_path_factory.mktemp("scored") / "smollm2"
     shutil.copytree(smollm2_run[0], run_dir)
     for args in (["--base"], []):
-        res = _kit_eval(run_dir, *args, cwd=run_dir.parent)
+        res = _kit_eval(run_dir, *args, *make_default("DEMO_COMPARE"), cwd=run_dir.parent)
         assert res.returncode == 0, res.stderr[-3000:]
     return run_dir
 
