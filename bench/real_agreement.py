@@ -3,15 +3,17 @@ answers, where a random-weight model's would part at near-ties everywhere. Run b
 bench/serve_matrix.py started (its --after names them in KIT_MATRIX_URLS), on the GPU machine:
 
     python bench/serve_matrix.py RUN --out DIR --concurrency 1 --repeats 1 \\
+        --variant "adapter|0||--gpu-memory-utilization 0.2" \\
         --variant "merged|0||--merged --gpu-memory-utilization 0.2" \\
         --variant "fp8|0||--merged --fp8 --gpu-memory-utilization 0.2" \\
         --after "python bench/real_agreement.py RUN --out DIR/agreement.json"
 
-The reference is the run's base + adapter in transformers (bf16 on the GPU). Each answer is walked along the
-reference's greedy tokens up to where the server first parts from it: tokens the reference chose by at least
---tie nats over its runner-up count as decided (agreed while the answers go together; the parting token counts
-as a disagreement when it was decided there, and as a near-tie, not counted, when it was not). Prints one JSON
-line per server.
+Two references, in transformers (bf16 on the GPU): the run's base + adapter (PEFT, unmerged: what `kit serve RUN`
+runs) and, when the run has one, its merged16 export (the weights a `--merged` server runs); each server is
+walked along both. Each answer is walked along the reference's greedy tokens up to where the server first parts
+from it: tokens the reference chose by at least --tie nats over its runner-up count as decided (agreed while the
+answers go together; the parting token counts as a disagreement when it was decided there, and as a near-tie, not
+counted, when it was not). Prints one JSON line per server and reference.
 """
 import argparse
 import json
@@ -56,37 +58,52 @@ def main() -> int:
     args = ap.parse_args()
     import openai
     import torch
+    from transformers import AutoModelForCausalLM
 
     from kit.infer import load_adapter_model
+    from kit.rundir import RunDir
     from kit.template import chat_format
     from kit.verify import hf_run, prompt_ids, served_answer
 
+    questions = prompts(args.prompts)
+
+    def greedy(model) -> list[tuple[list[int], list[float]]]:
+        """Each question's greedy continuation and the top-1 margin (nats) of each of its tokens."""
+        out = []
+        for q in questions:
+            ids = prompt_ids(tok, q)
+            continuation, logits = hf_run(model, ids, args.max_new_tokens)
+            rows = torch.tensor(logits[len(ids) - 1:len(ids) - 1 + len(continuation)])
+            top2 = rows.topk(2, dim=-1).values
+            out.append((continuation, (top2[:, 0] - top2[:, 1]).tolist()))
+        return out
+
     model, tok = load_adapter_model(args.run, dtype="bfloat16")
     stop_ids = set(chat_format(tok).stop_ids)
-    questions = prompts(args.prompts)
-    refs = []
-    for q in questions:
-        ids = prompt_ids(tok, q)
-        continuation, logits = hf_run(model, ids, args.max_new_tokens)
-        rows = torch.tensor(logits[len(ids) - 1:len(ids) - 1 + len(continuation)])
-        top2 = rows.topk(2, dim=-1).values
-        refs.append((continuation, (top2[:, 0] - top2[:, 1]).tolist()))
+    references = {"base+adapter": greedy(model)}
+    merged = RunDir(args.run).merged16
+    if (merged / "config.json").exists():  # the weights a --merged server runs, in transformers
+        del model
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16, device_map="auto").eval()
+        references["merged16"] = greedy(model)
     results = []
     for pair in os.environ.get("KIT_MATRIX_URLS", "").split():
         label, url = pair.split("=", 1)
         client = openai.OpenAI(base_url=url, api_key=os.environ.get("KIT_API_KEY", "none"))
         name = next(m.id for m in client.models.list().data)
-        agreed = parted = identical = 0
-        for q, (continuation, margins) in zip(questions, refs):
-            answer = served_answer(client.chat.completions.create(
-                model=name, messages=[{"role": "user", "content": q}], temperature=0,
-                max_tokens=args.max_new_tokens, extra_body={"return_token_ids": True}), tok)
-            a, p, same = walk(continuation, margins, answer.tokens, answer.stopped, stop_ids, args.tie)
-            agreed, parted, identical = agreed + a, parted + p, identical + same
-        results.append({"label": label, "model": name, "decided_agreement": agreed / max(agreed + parted, 1),
-                        "decided_tokens": agreed + parted, "parted_on_decided": parted,
-                        "identical_answers": identical, "answers": len(questions), "tie_nats": args.tie})
-        print(json.dumps(results[-1]), flush=True)
+        answers = [served_answer(client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=args.max_new_tokens,
+            extra_body={"return_token_ids": True}), tok) for q in questions]
+        for reference, refs in references.items():
+            agreed = parted = identical = 0
+            for answer, (continuation, margins) in zip(answers, refs):
+                a, p, same = walk(continuation, margins, answer.tokens, answer.stopped, stop_ids, args.tie)
+                agreed, parted, identical = agreed + a, parted + p, identical + same
+            results.append({"label": label, "model": name, "reference": reference,
+                            "decided_agreement": agreed / max(agreed + parted, 1), "decided_tokens": agreed + parted,
+                            "parted_on_decided": parted, "identical_answers": identical, "answers": len(questions),
+                            "tie_nats": args.tie})
+            print(json.dumps(results[-1]), flush=True)
     args.out.write_text(json.dumps(results, indent=1))
     return 0
 
