@@ -1,5 +1,7 @@
 import dataclasses
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -30,6 +32,26 @@ def test_recipes_are_found_by_name_by_file_and_as_recipes_slash_name(tmp_path, m
     assert load_config("recipes/demo.yaml").run.name == "mine"  # a file that exists is always the one read
 
 
+
+def test_the_checkouts_recipes_folder_holds_the_shipped_recipes(monkeypatch):
+    """recipes/ is where users copy from; the kit ships the same files as package data (kit/recipes/)."""
+    checkout = {p.name: p.read_text() for p in (ROOT / "recipes").glob("*.yaml")}
+    shipped = {p.name: p.read_text() for p in RECIPES.glob("*.yaml")}
+    assert {"llama31_sft.yaml", "demo.yaml", "smollm2.yaml", "dpo.yaml", "dpo_demo.yaml"} <= set(shipped)
+    differ = sorted(n for n in checkout.keys() | shipped.keys() if checkout.get(n) != shipped.get(n))
+    assert not differ, f"recipes/ and kit/recipes/ differ in {differ}: edit recipes/NAME.yaml, copy it to kit/recipes/"
+    monkeypatch.chdir(ROOT)
+    for recipe in RECIPES.glob("*.yaml"):
+        assert load_config(f"recipes/{recipe.name}") == load_config(recipe.stem)
+
+
+@pytest.mark.parametrize("name", ["llama31_sft", "dpo"])
+def test_a_recipe_file_of_the_checkout_plans_as_the_recipe_of_that_name(name):
+    plans = [subprocess.run([sys.executable, "-m", f"kit.recipes.{name}", "--config", config, "--plan", "--examples",
+                             "1000"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+             for config in (f"recipes/{name}.yaml", name)]
+    assert plans[0].returncode == 0 and "checkpoints" in plans[0].stdout, plans[0].stderr
+    assert plans[0].stdout == plans[1].stdout
 
 def test_dotted_overrides_change_fields_and_parse_numbers():
     cfg = load_config("llama31_sft",
