@@ -36,7 +36,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def make_data(out: Path, rows: int, seed: int = 0) -> dict:
     """KoAlpaca rows whose rendered length (template included) follows the log-normal mix."""
-    from kit.data.load import SAMPLE_FILE
+    from kit.data.rows import SAMPLE_FILE
     from kit.models.template import load_tokenizer, render
     tok = load_tokenizer("bundled")
     sample = [json.loads(line) for line in SAMPLE_FILE.read_text(encoding="utf-8").splitlines()]

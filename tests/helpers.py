@@ -39,7 +39,7 @@ def run_recipe(args, cwd, timeout=1200, check=True):
 def train_rows(run_dir):
     """The demo's training rows (its eval split held out), as the recipe split them."""
     from kit.config.load import load_config
-    from kit.data.load import load_rows, split_eval
+    from kit.data.rows import load_rows, split_eval
     cfg = load_config(run_dir / "config.yaml")
     rows, _ = split_eval(load_rows(cfg.data.path), cfg.data.eval_ratio, cfg.train.seed, cfg.data.path)
     return rows

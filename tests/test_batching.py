@@ -44,7 +44,8 @@ def test_planned_largest_micro_batch_is_what_the_trainer_yields(tmp_path, tokeni
 
 
 def test_padding_free_collation_of_kit_examples_keeps_them_apart(tokenizer):
-    from kit.data.load import load_rows, prepare
+    from kit.data.load import prepare
+    from kit.data.rows import load_rows
     rows = load_rows("kit:ko_sample").select(range(5))
     ds = prepare(rows, tokenizer, fmt="auto", fields={}, system_prompt=None, max_len=256, responses_only=True,
                  overlong="truncate", source="sample").dataset

@@ -122,3 +122,10 @@ def test_unsloth_is_imported_in_one_place_and_before_transformers_trl_and_peft(t
     assert out.returncode == 0, out.stderr[-3000:]
     assert "checkpoints" in out.stdout  # the plan, computed after the backend was activated
     assert json.loads((tmp_path / "record.json").read_text()) == []
+
+
+def test_python_m_kit_is_the_kit_command(tmp_path):
+    helps = [subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120) for module in ("kit", "kit.cli")]
+    assert helps[0].returncode == 0 and helps[0].stdout.startswith("usage: kit "), helps[0].stderr
+    assert helps[0].stdout == helps[1].stdout

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from kit.core.errors import DataError
-from kit.data.load import detect_format, load_data, load_rows, prepare, to_messages, tokenize
+from kit.data.load import detect_format, load_data, prepare, to_messages, tokenize
+from kit.data.rows import load_rows
 from kit.models.template import layout, render
 
 EOT, SH, EH, BOT = 128009, 128006, 128007, 128000

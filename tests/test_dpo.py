@@ -9,8 +9,8 @@ import pytest
 
 from kit.config.load import load_config
 from kit.core.errors import ConfigError, DataError
-from kit.data.load import PAIRS, PAIRS_FILE, SAMPLE_FILE, load_rows
 from kit.data.preference import prepare_pairs
+from kit.data.rows import PAIRS, PAIRS_FILE, SAMPLE_FILE, load_rows
 
 COMMON = dict(system_prompt=None, max_len=256, overlong="drop")
 

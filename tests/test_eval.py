@@ -65,7 +65,7 @@ def _lines(path):
 
 @pytest.mark.slow
 def test_eval_scores_the_held_out_split_and_records_it(evaluated):
-    from kit.data.load import SAMPLE, load_rows
+    from kit.data.rows import SAMPLE, load_rows
     from tests.helpers import question
     run_dir, res = evaluated
     manifest = json.loads((run_dir / "manifest.json").read_text())

@@ -58,7 +58,7 @@ def merged(exported):
 def heldout(exported):
     """Questions of the run's eval split, as the recipe split them."""
     from kit.config.load import load_config
-    from kit.data.load import load_rows, split_eval
+    from kit.data.rows import load_rows, split_eval
     cfg = load_config(exported / "config.yaml")
     _, rows = split_eval(load_rows(cfg.data.path), cfg.data.eval_ratio, cfg.train.seed, cfg.data.path)
     return [question(r) for r in rows.select(range(3))]

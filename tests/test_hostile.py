@@ -20,7 +20,8 @@ from kit.config.load import load_config
 from kit.config.schema import check_models
 from kit.core import io
 from kit.core.errors import AdapterError, ConfigError, DataError, PreflightError
-from kit.data.load import WHERE, load_data, load_rows, prepare, tokenize
+from kit.data.load import load_data, prepare, tokenize
+from kit.data.rows import WHERE, load_rows
 from kit.models import hub
 from kit.run import rundir
 from kit.serve import preflight

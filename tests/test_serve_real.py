@@ -163,7 +163,7 @@ def run(smollm2_run, tmp_path_factory):
 def held_out(run):
     """A question of the run's eval split, as the recipe split it."""
     from kit.config.load import load_config
-    from kit.data.load import load_rows, split_eval
+    from kit.data.rows import load_rows, split_eval
     cfg = load_config(run / "config.yaml")
     _, rows = split_eval(load_rows(cfg.data.path), cfg.data.eval_ratio, cfg.train.seed, cfg.data.path)
     return question(rows[0])

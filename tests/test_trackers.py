@@ -118,7 +118,7 @@ def test_trackers_and_sample_answers_leave_training_as_it_was(tracked):
 
 @pytest.mark.slow
 def test_sample_answers_are_logged_at_each_evaluation(tracked):
-    from kit.data.load import SAMPLE, load_rows
+    from kit.data.rows import SAMPLE, load_rows
     runs, res = tracked
     metrics = _metrics(runs / "tracked")
     evals = [m["step"] for m in metrics if "eval_loss" in m]

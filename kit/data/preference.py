@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from kit.core.errors import DataError
 from kit.data.heldout import HeldOut
-from kit.data.load import SHAREGPT_ROLES, WHERE, Prepared, TrainingData, few, train_and_eval_rows
+from kit.data.load import SHAREGPT_ROLES, Prepared, TrainingData, few, train_and_eval_rows
+from kit.data.rows import WHERE
 from kit.models.template import chat_format, render
 
 if TYPE_CHECKING:

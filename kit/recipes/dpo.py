@@ -1,5 +1,5 @@
 """Preference training (DPO, or ORPO with train.method=orpo) with LoRA or 4-bit QLoRA: setup -> train -> save,
-the same steps as kit.recipes.llama31_sft (kit.recipes.steps), on preference pairs (kit.data.preference).
+the same steps as kit.recipes.llama31_sft, on preference pairs (kit.data.preference).
 
     python -m kit.recipes.dpo                                    # the dpo recipe: Llama 3.1 8B, QLoRA
     python -m kit.recipes.dpo --config dpo_demo                  # SmolLM2-135M on the shipped Korean pairs, CPU

@@ -1,4 +1,5 @@
-"""A run directory: its layout, its lifecycle, and the one reader (and writer) of each artifact in it.
+"""A run directory: its layout, its lifecycle, and the one reader (and writer) of each artifact in it. One module
+(over 400 lines) on purpose: every name below and every read or write of it is here, so that no stage keeps its own.
 
     runs/<run.name>/
       config.yaml                 the resolved configuration

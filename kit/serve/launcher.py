@@ -1,6 +1,6 @@
 """kit serve: vLLM's OpenAI-compatible server for a ServeSpec (kit.serve.preflight checks it first), started
 in its own process group, watched until healthy, stopped with kit serve however that ends (the kernel's
-parent-death signal and kit.serve.guard).
+parent-death signal and kit.serve.guard). One module (over 400 lines): the server's life from command line to stop.
 
     kit serve runs/demo                       # base + adapter 'demo' on 127.0.0.1:8000
     kit serve runs/a runs/b --port 8001       # two adapters of one base on one server
