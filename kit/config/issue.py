@@ -1,4 +1,5 @@
-"""What every section's checks report (Issue) and how a wrong name is answered (closest)."""
+"""What the sections' checks share: the Issue they report, the seeds numpy and torch accept, and the answer to a
+wrong name (closest)."""
 from __future__ import annotations
 
 import difflib

@@ -4,7 +4,8 @@ command-line overrides -> validated dataclasses.
 Names follow Hugging Face's ``TrainingArguments`` and the Korean guide the kit is built around, so a
 value read in the guide (``per_device_train_batch_size = 8``) is written the same way here; the train
 section's TrainingArguments fields reach TRL's SFTConfig by name (TrainConfig.training_arguments).
-Everything is checked here, before any weights load, and every problem is reported at once.
+Everything is checked before any weights load (each section's module, then kit.config.schema), and every
+problem is reported at once, with its file and line or override.
 """
 from __future__ import annotations
 
