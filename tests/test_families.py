@@ -368,7 +368,7 @@ def test_pad_falls_back_to_tokens_the_vocabulary_has(specials, own_pad, family, 
     tok.unk_token = "<unk>" if "<unk>" in specials else None
     assert install(tok, family).family == family
     assert tok.pad_token == pad and pad in tok.get_vocab()
-    # padded as kit.train batches (DataCollatorForSeq2Seq), the shorter example keeps its answers' labels
+    # padded as kit.train.trainer batches (DataCollatorForSeq2Seq), the shorter example keeps its answers' labels
     short, long = (tokenize(c, tok, max_len=1024, responses_only=True) for c in (CONVERSATION[:3], CONVERSATION))
     short_labels = short["labels"]
     batch = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)(

@@ -325,7 +325,7 @@ def test_vllm_ends_with_kit_serve(adapter_run, fake_vllm, tmp_path, how):
 def test_the_kernel_signals_vllm_when_its_parent_dies_however_it_dies(tmp_path):
     """PR_SET_PDEATHSIG alone: the parent is killed with SIGKILL, before any handler or guard could act."""
     parent = subprocess.Popen([sys.executable, "-c", (
-        "import subprocess, sys, time; from kit import serve\n"
+        "import subprocess, sys, time; from kit.serve import launcher\n"
         "p = subprocess.Popen(['sleep', '600'], preexec_fn=launcher._die_with_parent(), start_new_session=True)\n"
         "print(p.pid, flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())

@@ -31,7 +31,7 @@ TRAIN_KIT_ONLY = {
                  "(kit.train.trackers)",
     "sample_prompts": "the kit's SampleAnswers callback",
     "sample_max_new_tokens": "the kit's SampleAnswers callback",
-    "method": "picks the trainer: TRL's SFTTrainer, DPOTrainer or ORPOTrainer (kit.train)",
+    "method": "picks the trainer: TRL's SFTTrainer, DPOTrainer or ORPOTrainer (kit.train.trainer)",
     "beta": "DPOConfig.beta or ORPOConfig.beta",
     "loss_type": "DPOConfig.loss_type",
 }

@@ -5,7 +5,7 @@ Formats, detected from the columns:
 - LLaMA-Factory's alpaca form: instruction, input (optional), chosen, rejected (answers as text);
 - TRL's explicit prompt: prompt, chosen, rejected, each text or a list of messages ({role, content});
 - TRL's implicit prompt: chosen and rejected conversations that share their prompt turns.
-Rows are read by kit.data (file and line in WHERE) and split like SFT's (data.eval_ratio also when the run does
+Rows are read by kit.data.rows (file and line in WHERE) and split like SFT's (data.eval_ratio also when the run does
 not evaluate during training: the held-out accuracy at the end needs the split). Every problem found in the rows is
 reported at once, one line each with its file and line: chosen equal to rejected, an empty side, a prompt or
 side that is not text or messages. A pair longer than model.max_seq_length is dropped with a warning

@@ -1,5 +1,5 @@
 """kit serve's preflight: what vLLM would refuse, or silently get wrong, checked before it starts. The
-result is a ServeSpec: what to serve, and how (kit.serve launches it)."""
+result is a ServeSpec: what to serve, and how (kit.serve.launcher starts it)."""
 from __future__ import annotations
 
 import json

@@ -1,9 +1,9 @@
 """The training backend: the device, the precision, and Unsloth or transformers + PEFT.
 
 The import boundary: Unsloth patches transformers, TRL and PEFT when it is imported, so it must come
-first. activate() is the kit's one import of Unsloth; the recipe calls it before it imports kit.train,
-which (with kit.train.model and kit.train.callbacks) imports torch, transformers, TRL and PEFT at its top. No other
-kit module imports them at import time.
+first. activate() is the kit's one import of Unsloth; the recipe's steps call it before they import
+kit.train.trainer, which (with kit.train.model and kit.train.callbacks) imports torch, transformers, TRL and PEFT
+at its top. No other kit module imports them at import time.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Trainer callbacks: metrics to JSONL, sample answers, the trackers' record, the guide's overfitting alarm,
-and checkpoint completeness. Behind the import boundary (see kit.train.backend): imported by kit.train after the
-backend is active."""
+and checkpoint completeness. Behind the import boundary (see kit.train.backend): imported by kit.train.trainer after
+the backend is active."""
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,5 @@
 """The base model with LoRA attached, through Unsloth or transformers + PEFT. Behind the import boundary
-(see kit.train.backend): imported by kit.train once the backend is active."""
+(see kit.train.backend): imported by kit.train.trainer once the backend is active."""
 from __future__ import annotations
 
 import peft
