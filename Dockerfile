@@ -63,7 +63,7 @@ EXPOSE 8000
 
 # Healthy when nothing listens on the port (training, export), or when the server answers /health.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
-  CMD ["python", "-m", "kit.health"]
+  CMD ["python", "-m", "kit.serve.health"]
 
 ENTRYPOINT ["kit"]
 CMD ["--help"]

@@ -7,7 +7,7 @@ import argparse
 import json
 import random
 
-from kit.data import SAMPLE_FILE
+from kit.data.rows import SAMPLE_FILE
 
 
 def main():

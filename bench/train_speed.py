@@ -36,8 +36,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def make_data(out: Path, rows: int, seed: int = 0) -> dict:
     """KoAlpaca rows whose rendered length (template included) follows the log-normal mix."""
-    from kit.data import SAMPLE_FILE
-    from kit.template import load_tokenizer, render
+    from kit.data.rows import SAMPLE_FILE
+    from kit.models.template import load_tokenizer, render
     tok = load_tokenizer("bundled")
     sample = [json.loads(line) for line in SAMPLE_FILE.read_text(encoding="utf-8").splitlines()]
     rng = random.Random(seed)
@@ -128,7 +128,7 @@ def run_kit(a, overrides: list[str]) -> dict:
     """The recipe exactly as a user runs it: in this process (so a profiler can watch it), or with --devices in a
     child, since the recipe then replaces its process with torchrun."""
     from kit.recipes.llama31_sft import main
-    from kit.rundir import RunDir, read_manifest, read_metrics
+    from kit.run.rundir import RunDir, read_manifest, read_metrics
     runs = Path(a.work) / "runs"
     argv = ["--config", "llama31_sft", f"model.name={a.model}",
             f"data.path={a.data}", f"train.max_steps={a.steps}", "train.eval_strategy=no",
@@ -220,7 +220,7 @@ def prepare(work: Path, rows: int) -> tuple[Path, Path]:
     data = work / "lognormal.jsonl"
     if not data.exists():
         print(json.dumps({"data": str(data), **make_data(data, rows)}), flush=True)
-    from kit.tiny import build_random_model
+    from kit.models.tiny import build_random_model
     t = time.time()
     model = build_random_model("8b", 0, work / "base-8b")
     print(json.dumps({"model": str(model), "built_s": round(time.time() - t, 1)}), flush=True)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kit import adapters, chat_client, compare, evaluation, export, serve, verify
-from kit.errors import KitError, exit_with
+from kit.core.errors import KitError, exit_with
+from kit.eval import compare, evaluation, verify
+from kit.export import exporter
+from kit.serve import adapters, chat_client, launcher
 
 
 def cmd_ask(args) -> int:
-    from kit.infer import generate, load_adapter_model
+    from kit.eval.infer import generate, load_adapter_model
     model, tok = load_adapter_model(args.run_dir)
     print(generate(model, tok, [{"role": "user", "content": args.prompt}], args.max_new_tokens))
     return 0
@@ -44,26 +46,26 @@ def main(argv=None) -> int:
     ask.add_argument("run_dir")
     ask.add_argument("--prompt", required=True)
     ask.add_argument("--max-new-tokens", type=int, default=64)
-    export.add_arguments(sub.add_parser("export", help="merged 16-bit safetensors or GGUF"))
+    exporter.add_arguments(sub.add_parser("export", help="merged 16-bit safetensors or GGUF"))
     verify.add_arguments(sub.add_parser("verify", help="compare exports and a server against base + adapter"))
     evaluation.add_arguments(sub.add_parser("eval", help="lm-evaluation-harness on the run's held-out split and "
                                                          "lm-eval tasks"))
     compare.add_arguments(sub.add_parser("compare", help="the base model and the fine-tune on the held-out split: "
                                                          "one question's answers, both scores"))
-    serve.add_arguments(sub.add_parser("serve", help="serve runs with vLLM (base + adapters, or --merged)"))
+    launcher.add_arguments(sub.add_parser("serve", help="serve runs with vLLM (base + adapters, or --merged)"))
     chat_client.add_arguments(sub.add_parser("chat", help="chat with a served model (OpenAI API)"))
     adapters.add_arguments(sub.add_parser("adapters", help="load or unload adapters of a running server"))
     args = p.parse_args(argv)
     if args.command == "serve":
         args.vllm_options = vllm_options
-    commands = {"ask": cmd_ask, "export": export.run_cli, "verify": verify.run_cli, "eval": evaluation.run_cli,
-                "compare": compare.run_cli, "serve": serve.run_cli, "chat": chat_client.run_cli,
+    commands = {"ask": cmd_ask, "export": exporter.run_cli, "verify": verify.run_cli, "eval": evaluation.run_cli,
+                "compare": compare.run_cli, "serve": launcher.run_cli, "chat": chat_client.run_cli,
                 "adapters": adapters.run_cli}
     try:
         return commands[args.command](args)
     except KitError as e:
         return exit_with(e)
-    except KeyboardInterrupt:  # each file the commands write is written whole or not at all (kit.io)
+    except KeyboardInterrupt:  # each file the commands write is written whole or not at all (kit.core.io)
         print(f"kit {args.command}: stopped (Ctrl-C); run it again to finish.", file=sys.stderr)
         return 130
 

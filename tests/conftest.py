@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from kit.template import load_tokenizer
+    from kit.models.template import load_tokenizer
     return load_tokenizer("bundled")
 
 
@@ -46,8 +46,8 @@ def smollm2_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
-    """A random-weight model of kit.tiny's 'tiny' shape (the demo's base), built once per session."""
-    from kit.tiny import build_random_model
+    """A random-weight model of kit.models.tiny's 'tiny' shape (the demo's base), built once per session."""
+    from kit.models.tiny import build_random_model
     return build_random_model("tiny", 0, tmp_path_factory.mktemp("tiny") / "base-model")
 
 
@@ -56,7 +56,7 @@ def adapter_run(tmp_path, tiny_base, tokenizer):
     """A run directory for tests that need an adapter but not a trained one: the KB-sized LoRA adapter of
     tests/assets/adapter (PEFT, r=4 on the 7 projections of the 'tiny' shape, as initialised), pointed at
     the session's tiny base, with the tokenizer and the demo recipe's config.yaml."""
-    from kit.config import load_config, to_yaml
+    from kit.config.load import load_config, to_yaml
     from tests.helpers import edit_adapter_config
     run = tmp_path / "run"
     shutil.copytree(ASSETS / "adapter", run / "adapter")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kit.config import RECIPES
-from kit.llama import STOP_TOKEN_IDS
+from kit.config.load import RECIPES
+from kit.models.llama import STOP_TOKEN_IDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,8 @@ def run_recipe(args, cwd, timeout=1200, check=True):
 
 def train_rows(run_dir):
     """The demo's training rows (its eval split held out), as the recipe split them."""
-    from kit.config import load_config
-    from kit.data import load_rows, split_eval
+    from kit.config.load import load_config
+    from kit.data.rows import load_rows, split_eval
     cfg = load_config(run_dir / "config.yaml")
     rows, _ = split_eval(load_rows(cfg.data.path), cfg.data.eval_ratio, cfg.train.seed, cfg.data.path)
     return rows
@@ -47,7 +47,7 @@ def train_rows(run_dir):
 
 def question(row) -> str:
     """The user turn of a KoAlpaca row, as the recipe trained it."""
-    from kit.data import to_messages
+    from kit.data.load import to_messages
     return to_messages(row, "alpaca", {}, None, "row")[0]["content"]
 
 
@@ -85,7 +85,7 @@ def free_port() -> int:
 
 
 def decided_greedy_text(model, tokenizer, messages: list[dict], max_new_tokens: int, tolerance: float) -> str:
-    """The model's greedy answer to `messages` (as kit.infer.generate gives it) cut before its first near-tie:
+    """The model's greedy answer to `messages` (as kit.eval.infer.generate gives it) cut before its first near-tie:
     another implementation of the same weights may pick either token there. The whole answer when none."""
     import torch
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -105,14 +105,14 @@ def adapter_reference(run_dir: Path, text: str, max_new_tokens: int = 48) -> str
     """The run's greedy answer to the user turn `text` (base + adapter through PEFT, fp32: kit verify's
     reference) up to its first near-tie by kit verify's own bound for a server (two logits within TIE_NATS:
     bf16 rounding decides them); a served answer must start with it."""
-    from kit.verify import TIE_NATS
+    from kit.eval.verify import TIE_NATS
     return decided_greedy_text(*_adapter_model(str(run_dir)), [{"role": "user", "content": text}], max_new_tokens,
                                tolerance=TIE_NATS / 2)
 
 
 @functools.lru_cache(maxsize=2)
 def _adapter_model(run_dir: str):
-    from kit.infer import load_adapter_model
+    from kit.eval.infer import load_adapter_model
     return load_adapter_model(Path(run_dir))
 
 

@@ -10,9 +10,9 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from kit.config import load_config
-from kit.memory import largest_micro_batch, usable
-from kit.plan import make_plan
+from kit.config.load import load_config
+from kit.train.memory import largest_micro_batch, usable
+from kit.train.plan import make_plan
 
 
 def _examples(n, seed=0):
@@ -44,7 +44,8 @@ def test_planned_largest_micro_batch_is_what_the_trainer_yields(tmp_path, tokeni
 
 
 def test_padding_free_collation_of_kit_examples_keeps_them_apart(tokenizer):
-    from kit.data import load_rows, prepare
+    from kit.data.load import prepare
+    from kit.data.rows import load_rows
     rows = load_rows("kit:ko_sample").select(range(5))
     ds = prepare(rows, tokenizer, fmt="auto", fields={}, system_prompt=None, max_len=256, responses_only=True,
                  overlong="truncate", source="sample").dataset
@@ -64,7 +65,7 @@ LLAMA8B = ["model.name=meta-llama/Llama-3.1-8B-Instruct"]
 
 
 def _plan(overrides, cuda=True, card=79.2):
-    from kit.plan import execution
+    from kit.train.plan import execution
     cfg = load_config("llama31_sft", LLAMA8B + overrides)
     lengths = [len(e["input_ids"]) for e in _examples(400)]
     return execution(cfg, lengths, cuda=cuda, card_gib=card if cuda else None, steps=12)
@@ -117,7 +118,7 @@ def test_a_plan_that_ran_out_of_a_capped_8_gib_does_not_fit_it():
 
 
 def _estimate(tokens, checkpointing):
-    from kit.memory import base_model_config, estimate
+    from kit.train.memory import base_model_config, estimate
     return estimate(base_model_config("random:8b", network=False), load_in_4bit=True, lora_r=16,
                     targets=load_config(None).target_modules, optim="adamw_torch", tokens=tokens,
                     checkpointing=checkpointing)

@@ -1,4 +1,4 @@
-from kit.callbacks import OverfitAlarm
+from kit.train.callbacks import OverfitAlarm
 
 
 def test_alarm_when_eval_rises_while_train_falls_names_best_step():
@@ -19,7 +19,7 @@ def test_no_alarm_when_train_loss_also_rises_or_eval_recovers():
 
 
 def test_incomplete_checkpoints_are_set_aside_not_resumed(tmp_path):
-    from kit.rundir import COMPLETE, complete_checkpoints
+    from kit.run.rundir import COMPLETE, complete_checkpoints
     for step, done in [(4, True), (8, True), (12, False)]:
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()

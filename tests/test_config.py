@@ -1,9 +1,14 @@
 import dataclasses
 import re
+import subprocess
+import sys
 
 import pytest
 
-from kit.config import RECIPES, TRAIN_KIT_ONLY, Config, ConfigError, TrainConfig, all_keys, check_device, load_config
+from kit.config.load import RECIPES, all_keys, load_config
+from kit.config.schema import Config, check_device
+from kit.config.train import TRAIN_KIT_ONLY, TrainConfig
+from kit.core.errors import ConfigError
 from tests.helpers import ROOT
 
 
@@ -26,6 +31,27 @@ def test_recipes_are_found_by_name_by_file_and_as_recipes_slash_name(tmp_path, m
     (tmp_path / "recipes" / "demo.yaml").write_text("run:\n  name: mine\n")
     assert load_config("recipes/demo.yaml").run.name == "mine"  # a file that exists is always the one read
 
+
+
+def test_the_checkouts_recipes_folder_holds_the_shipped_recipes(monkeypatch):
+    """recipes/ is where users copy from; the kit ships the same files as package data (kit/recipes/)."""
+    checkout = {p.name: p.read_text() for p in (ROOT / "recipes").glob("*.yaml")}
+    shipped = {p.name: p.read_text() for p in RECIPES.glob("*.yaml")}
+    assert {"llama31_sft.yaml", "demo.yaml", "smollm2.yaml", "dpo.yaml", "dpo_demo.yaml"} <= set(shipped)
+    differ = sorted(n for n in checkout.keys() | shipped.keys() if checkout.get(n) != shipped.get(n))
+    assert not differ, f"recipes/ and kit/recipes/ differ in {differ}: edit recipes/NAME.yaml, copy it to kit/recipes/"
+    monkeypatch.chdir(ROOT)
+    for recipe in RECIPES.glob("*.yaml"):
+        assert load_config(f"recipes/{recipe.name}") == load_config(recipe.stem)
+
+
+@pytest.mark.parametrize("name", ["llama31_sft", "dpo"])
+def test_a_recipe_file_of_the_checkout_plans_as_the_recipe_of_that_name(name):
+    plans = [subprocess.run([sys.executable, "-m", f"kit.recipes.{name}", "--config", config, "--plan", "--examples",
+                             "1000"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+             for config in (f"recipes/{name}.yaml", name)]
+    assert plans[0].returncode == 0 and "checkpoints" in plans[0].stdout, plans[0].stderr
+    assert plans[0].stdout == plans[1].stdout
 
 def test_dotted_overrides_change_fields_and_parse_numbers():
     cfg = load_config("llama31_sft",
@@ -129,8 +155,10 @@ def test_missing_recipe_file_is_a_clear_error(tmp_path):
 
 
 def test_every_config_field_is_read_by_the_code():
-    source = "\n".join(p.read_text() for p in (ROOT / "kit").rglob("*.py") if p.name != "config.py")
-    source += (ROOT / "kit/config.py").read_text().split("# " + "-" * 64 + " validation")[1]
+    source = "\n".join(p.read_text() for p in (ROOT / "kit").rglob("*.py") if p.parent.name != "config")
+    # the config reads its own fields in its checks, each section's below this line
+    source += "".join(p.read_text().partition("# " + "-" * 64 + " validation")[2]
+                      for p in (ROOT / "kit/config").glob("*.py"))
     passed_through = {f"train.{k}" for k in TrainConfig().training_arguments()}  # read by TRL, by name
     # a section is read as itself (cfg.lora.r) or through a name bound to it: `lo = cfg.lora`,
     # `t, m = cfg.train, cfg.model`, or a parameter annotated with its class (`t: TrainConfig`)
@@ -155,10 +183,10 @@ def test_every_config_field_is_read_by_the_code():
 def test_train_fields_pass_through_to_sft_config_by_name_or_are_kit_only():
     from trl import SFTConfig
 
-    from kit.backend import Backend, Device
-    from kit.plan import execution
-    from kit.rundir import RunDir
-    from kit.train import sft_config
+    from kit.run.rundir import RunDir
+    from kit.train.backend import Backend, Device
+    from kit.train.plan import execution
+    from kit.train.trainer import sft_config
     sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
     for f in dataclasses.fields(TrainConfig):
         assert f.name in TRAIN_KIT_ONLY or f.name in sft_fields, f"train.{f.name}: not an SFTConfig field, not kit-only"
@@ -204,10 +232,10 @@ def test_report_to_problems_name_the_closest_tracker():
 
 
 def test_trackers_but_tensorboard_reach_sft_config_report_to_by_name():
-    from kit.backend import Backend, Device
-    from kit.plan import execution
-    from kit.rundir import RunDir
-    from kit.train import sft_config
+    from kit.run.rundir import RunDir
+    from kit.train.backend import Backend, Device
+    from kit.train.plan import execution
+    from kit.train.trainer import sft_config
     backend = Backend("hf", Device("cpu", "cpu", False), "fp32")
     for report_to, expected in (("[tensorboard, wandb, mlflow]", ["wandb", "mlflow"]), ("tensorboard", []),
                                 ("none", [])):

@@ -2,8 +2,10 @@ import json
 
 import pytest
 
-from kit.data import DataError, detect_format, load_data, load_rows, prepare, to_messages, tokenize
-from kit.template import layout, render
+from kit.core.errors import DataError
+from kit.data.load import detect_format, load_data, prepare, to_messages, tokenize
+from kit.data.rows import load_rows
+from kit.models.template import layout, render
 
 EOT, SH, EH, BOT = 128009, 128006, 128007, 128000
 
@@ -160,7 +162,7 @@ def test_sample_dataset_ships_a_few_hundred_korean_pairs(tokenizer):
 
 
 def test_eval_from_a_separate_file_or_a_held_out_ratio(tmp_path, tokenizer):
-    from kit.config import load_config
+    from kit.config.load import load_config
     rows = [{"instruction": f"질문 {i}", "output": f"답 {i}"} for i in range(20)]
     train_f, eval_f = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train_f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from kit.config import load_config
-from kit.errors import ConfigError
-from kit.plan import make_plan
+from kit.config.load import load_config
+from kit.core.errors import ConfigError
+from kit.train.plan import make_plan
 from tests.helpers import DEMO, run_recipe
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -56,9 +56,9 @@ def test_plan_devices_on_a_machine_without_gpus(tmp_path):
 
 
 def test_what_cannot_run_distributed_is_refused(tmp_path, monkeypatch, capsys):
-    from kit.config import check_processes
+    from kit.config.schema import check_processes
     from kit.recipes.llama31_sft import main
-    from kit.rundir import check_devices
+    from kit.run.rundir import check_devices
     with pytest.raises(ConfigError, match="3 training processes on this machine but 2 GPU"):
         check_processes(3, gpus=2)
     check_processes(2, gpus=0)  # CPU processes share the CPU (gloo)
@@ -99,7 +99,7 @@ def test_two_ranks_train_what_one_process_trains(two_ranks):
 
 @pytest.mark.slow
 def test_rank_zero_writes_one_complete_run_directory(two_ranks):
-    from kit.infer import generate, load_adapter_model
+    from kit.eval.infer import generate, load_adapter_model
     runs, res = two_ranks
     run_dir = runs / "two"
     assert res.stdout.count("kit: training finished") == 1 and res.stdout.count("plan for") == 1
@@ -136,7 +136,7 @@ def test_checkpoint_of_two_ranks_resumes_on_two_only(two_ranks, tmp_path):
 
 @pytest.mark.slow
 def test_hf_backend_trains_on_two_ranks_under_torchrun(tmp_path):
-    from kit.rundir import read_adapter
+    from kit.run.rundir import read_adapter
     res = subprocess.run([*TORCHRUN, "-m", "kit.recipes.llama31_sft", *SHORT, f"run.output_dir={tmp_path}",
                           "model.backend=hf", "train.per_device_train_batch_size=4", "train.max_steps=2",
                           "train.eval_strategy=no"],

@@ -34,7 +34,7 @@ until python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1
   sleep 1
 done
 kit chat --url http://127.0.0.1:8000/v1 --model demo --prompt "독일의 수도는 어디인가요?"
-python -m kit.health && echo "healthcheck: ok while serving"
+python -m kit.serve.health && echo "healthcheck: ok while serving"
 kill -TERM $pid && wait $pid && echo "kit serve: stopped cleanly"
 """
     out = subprocess.run([*RUN, "--entrypoint", "bash", IMAGE, "-c", script], capture_output=True, text=True,
@@ -44,7 +44,7 @@ kill -TERM $pid && wait $pid && echo "kit serve: stopped cleanly"
     assert "healthcheck: ok while serving" in out.stdout and "kit serve: stopped cleanly" in out.stdout
     health = subprocess.run(["podman", "image", "inspect", IMAGE, "--format", "{{json .Config.Healthcheck}}"],
                             capture_output=True, text=True).stdout
-    assert "kit.health" in health, health  # kept by the docker-format build (OCI drops HEALTHCHECK)
+    assert "kit.serve.health" in health, health  # kept by the docker-format build (OCI drops HEALTHCHECK)
     labels = subprocess.run(["podman", "image", "inspect", IMAGE, "--format",
                              "{{index .Labels \"org.opencontainers.image.revision\"}}"],
                             capture_output=True, text=True).stdout.strip()

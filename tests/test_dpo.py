@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from kit.config import load_config
-from kit.data import PAIRS, PAIRS_FILE, SAMPLE_FILE, load_rows
-from kit.errors import ConfigError, DataError
-from kit.preference import prepare_pairs
+from kit.config.load import load_config
+from kit.core.errors import ConfigError, DataError
+from kit.data.preference import prepare_pairs
+from kit.data.rows import PAIRS, PAIRS_FILE, SAMPLE_FILE, load_rows
 
 COMMON = dict(system_prompt=None, max_len=256, overlong="drop")
 
@@ -161,7 +161,7 @@ def test_plan_counts_the_reference_forward_for_dpo_not_orpo(capsys):
 
 
 def test_a_dpo_run_records_and_launches_its_own_recipe(monkeypatch):
-    from kit import distributed, report
+    from kit.train import distributed, report
     direct = report.command_line(["/x/kit/recipes/dpo.py", "--config", "dpo_demo"], module="kit.recipes.dpo")
     assert direct.endswith("-m kit.recipes.dpo --config dpo_demo"), direct
     assert report.command_line(["/usr/bin/kit", "train", "--config", "dpo_demo"], module="kit.recipes.llama31_sft") \

@@ -8,8 +8,8 @@ from statistics import mean
 import pytest
 import yaml
 
-from kit import evaluation
-from kit.errors import EvalError
+from kit.core.errors import EvalError
+from kit.eval import evaluation
 from tests.helpers import make_default
 
 
@@ -65,7 +65,7 @@ def _lines(path):
 
 @pytest.mark.slow
 def test_eval_scores_the_held_out_split_and_records_it(evaluated):
-    from kit.data import SAMPLE, load_rows
+    from kit.data.rows import SAMPLE, load_rows
     from tests.helpers import question
     run_dir, res = evaluated
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -93,7 +93,7 @@ def test_eval_scores_the_held_out_split_and_records_it(evaluated):
 
 @pytest.mark.slow
 def test_eval_answers_are_the_adapters_greedy_answers(evaluated):
-    from kit.infer import load_adapter_model
+    from kit.eval.infer import load_adapter_model
     from tests.helpers import decided_greedy_text
     run_dir, _ = evaluated
     model, tokenizer = load_adapter_model(run_dir)
@@ -138,7 +138,7 @@ def test_an_installed_task_runs_by_name_through_the_chat_template(demo_run, tmp_
         context = s["arguments"][0][0]
         assert context.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
         assert context.endswith(f"{question(row)}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-    from kit.infer import load_adapter_model
+    from kit.eval.infer import load_adapter_model
     from tests.helpers import decided_greedy_text
     model, tokenizer = load_adapter_model(run_dir)  # the first trained question gets its trained answer (test_train),
     decided = decided_greedy_text(model, tokenizer, [{"role": "user", "content": question(rows[0])}], 48, 0.01)
@@ -202,7 +202,7 @@ def test_the_held_out_prompts_and_stops_are_the_runs_chat_format(smollm2_scored)
 
 @pytest.mark.slow
 def test_the_fine_tune_answers_a_held_out_question_closer_to_its_reference(smollm2_scored):
-    from kit.compare import side_by_side
+    from kit.eval.compare import side_by_side
     shown = side_by_side(smollm2_scored)  # what kit compare shows (make demo): the question of the median gain
     base, tuned = shown["answers"]["base"], shown["answers"]["adapter"]
     assert tuned["text"].strip() != base["text"].strip()

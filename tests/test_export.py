@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from kit import export as ex
-from kit.infer import load_adapter_model
-from kit.llama import EOT_ID, STOP_TOKEN_IDS
-from kit.template import chat_format
-from kit.verify import gguf_run, hf_run, prompt_ids
+from kit.eval.infer import load_adapter_model
+from kit.eval.verify import gguf_run, hf_run, prompt_ids
+from kit.export import exporter as ex
+from kit.models.llama import EOT_ID, STOP_TOKEN_IDS
+from kit.models.template import chat_format
 from tests.helpers import decided_tokens, question, top1_margin, train_rows
 
 pytestmark = pytest.mark.slow

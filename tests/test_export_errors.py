@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from kit import export as ex
-from kit.errors import SetupError
-from kit.rundir import AdapterError
+from kit.core.errors import AdapterError, SetupError
+from kit.export import exporter as ex
 
 
 def test_run_without_adapter(tmp_path):
@@ -24,7 +23,7 @@ def test_corrupt_adapter_file(adapter_run):
 
 
 def test_adapter_for_a_different_base_shape(adapter_run, tmp_path):
-    from kit.tiny import llama31_config
+    from kit.models.tiny import llama31_config
     from tests.helpers import edit_adapter_config
     cfg = llama31_config("tiny").to_dict()
     cfg["hidden_size"], cfg["intermediate_size"] = 512, 1024
@@ -44,7 +43,7 @@ def test_unknown_quant(adapter_run):
 def test_not_enough_disk_is_refused_before_writing(adapter_run, tiny_base, monkeypatch, to, quant):
     import numpy as np
 
-    from kit.rundir import _tensor_shapes
+    from kit.run.rundir import _tensor_shapes
     # room for the 16-bit weights and 1 MB: not for Llama 3.1's tokenizer files (9 MB) besides
     weights = sum(np.prod(s) for s in _tensor_shapes(tiny_base / "model.safetensors", "").values()) * 2 * 1.05
     asked = []
@@ -101,8 +100,8 @@ def test_k_quant_without_llama_cpp_names_the_make_target_before_any_model_loads(
 
 
 def test_a_recipe_exporting_a_k_quant_without_llama_cpp_stops_before_the_run_starts(tmp_path, monkeypatch):
-    from kit.config import load_config
-    from kit.recipes.llama31_sft import start_run
+    from kit.config.load import load_config
+    from kit.recipes.steps import start_run
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     cfg = load_config("demo", [f"run.output_dir={tmp_path}", "export.formats=[gguf]", "export.gguf_quant=q4_k_m"])
     with pytest.raises(SetupError, match=r"export.gguf_quant=q4_k_m needs llama-cpp-python.*make setup-extras"):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from kit.errors import ExportError
-from kit.families import CHATML
-from kit.gguf import check_exportable, pre_type
-from kit.template import chat_format, render
+from kit.core.errors import ExportError
+from kit.export.gguf import check_exportable, pre_type
+from kit.models.families import CHATML
+from kit.models.template import chat_format, render
 from tests.helpers import decided_tokens, question
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
@@ -57,8 +57,8 @@ def merged(exported):
 @pytest.fixture(scope="module")
 def heldout(exported):
     """Questions of the run's eval split, as the recipe split them."""
-    from kit.config import load_config
-    from kit.data import load_rows, split_eval
+    from kit.config.load import load_config
+    from kit.data.rows import load_rows, split_eval
     cfg = load_config(exported / "config.yaml")
     _, rows = split_eval(load_rows(cfg.data.path), cfg.data.eval_ratio, cfg.train.seed, cfg.data.path)
     return [question(r) for r in rows.select(range(3))]
@@ -115,7 +115,7 @@ def test_llama_cpp_answers_a_heldout_question_as_the_merged_model(exported, merg
     """Through the GGUF's own chat template (rendered as transformers renders the run's) and its stop token."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from kit.verify import gguf_run, hf_run, prompt_ids
+    from kit.eval.verify import gguf_run, hf_run, prompt_ids
     model, tok = merged
     fmt = chat_format(tok)
     messages = [{"role": "user", "content": heldout[1]}]
@@ -143,7 +143,7 @@ def test_verify_cli_agrees_for_the_smollm2_run(exported):
     greedy tokens within it and stops where they stop. Its bound on max |Δlogit| for the 16-bit targets (0.5) is
     absolute, and SmolLM2's logits span about -35..43: rounding the merged weights to bf16 moves low-ranked logits by
     up to 0.62 on some prompts (0.2 among each position's top 10), so here that column is held to 1.0."""
-    from kit.verify import THRESHOLDS
+    from kit.eval.verify import THRESHOLDS
     out = subprocess.run([sys.executable, "-m", "kit.cli", "verify", str(exported)], capture_output=True, text=True,
                          timeout=900)
     assert out.returncode in (0, 1), out.stdout + out.stderr[-5000:]
@@ -191,7 +191,7 @@ def _sentencepiece_gemma():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from kit.template import install
+    from kit.models.template import install
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     vocab = {t: i for i, t in enumerate(specials + ["▁"] + list("abcdefghijklmnopqrstuvwxyz"))}
     vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
@@ -205,7 +205,7 @@ def _sentencepiece_gemma():
 
 
 def test_a_sentencepiece_tokenizer_is_refused_before_the_model_loads(adapter_run, monkeypatch):
-    from kit import export as ex
+    from kit.export import exporter as ex
     for f in (adapter_run / "adapter").glob("*token*"):
         f.unlink()
     _sentencepiece_gemma().save_pretrained(adapter_run / "adapter")
@@ -221,8 +221,8 @@ def test_a_sentencepiece_tokenizer_is_refused_before_the_model_loads(adapter_run
 
 
 def test_modelfile_follows_the_family_and_a_custom_template_gets_none(tokenizer):
-    from kit.families import LLAMA3
-    from kit.gguf import modelfile
+    from kit.export.gguf import modelfile
+    from kit.models.families import LLAMA3
     llama = modelfile("m.gguf", tokenizer)
     assert llama == (f'FROM ./m.gguf\nTEMPLATE """{LLAMA3.modelfile}"""\nPARAMETER stop "<|eot_id|>"\n'
                      'PARAMETER stop "<|eom_id|>"\nPARAMETER stop "<|end_of_text|>"\nPARAMETER temperature 0\n')

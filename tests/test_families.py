@@ -1,4 +1,4 @@
-"""Chat families (issue 25): each family the kit knows (kit.families) is picked from a tokenizer's own chat
+"""Chat families (issue 25): each family the kit knows (kit.models.families) is picked from a tokenizer's own chat
 template or, without one, from its vocabulary; the kit installs the family's template, the end-of-turn token as
 eos and a pad token the vocabulary has, and trains each assistant answer and its end-of-turn token, nothing else,
 token by token. A template the kit does not know is kept as it is; a tokenizer that shows no family, or a family
@@ -13,10 +13,11 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast
 
-from kit.config import ConfigError, load_config
-from kit.data import tokenize
-from kit.families import CUSTOM, FAMILIES
-from kit.template import install, layout, render
+from kit.config.load import load_config
+from kit.core.errors import ConfigError
+from kit.data.load import tokenize
+from kit.models.families import CUSTOM, FAMILIES
+from kit.models.template import install, layout, render
 from tests.helpers import run_recipe
 
 # ---------------------------------------------------------------- the families' own templates, as published
@@ -367,7 +368,7 @@ def test_pad_falls_back_to_tokens_the_vocabulary_has(specials, own_pad, family, 
     tok.unk_token = "<unk>" if "<unk>" in specials else None
     assert install(tok, family).family == family
     assert tok.pad_token == pad and pad in tok.get_vocab()
-    # padded as kit.train batches (DataCollatorForSeq2Seq), the shorter example keeps its answers' labels
+    # padded as kit.train.trainer batches (DataCollatorForSeq2Seq), the shorter example keeps its answers' labels
     short, long = (tokenize(c, tok, max_len=1024, responses_only=True) for c in (CONVERSATION[:3], CONVERSATION))
     short_labels = short["labels"]
     batch = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)(

@@ -6,8 +6,8 @@ import logging
 import numpy as np
 import pytest
 
-from kit.errors import ConfigError, SetupError
-from kit.gguf_source import gguf_path, is_gguf_source, materialize
+from kit.core.errors import ConfigError, SetupError
+from kit.models.gguf_source import gguf_path, is_gguf_source, materialize
 
 
 @pytest.fixture(autouse=True)

@@ -17,18 +17,18 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 SCRIPT = r"""
 import json, sys
 from pathlib import Path
-from kit.backend import activate
-from kit.config import load_config
+from kit.train.backend import activate
+from kit.config.load import load_config
 # max_seq_length above the packed row: Unsloth cuts longer inputs, which the row read as one sequence is
 cfg = load_config("demo", ["model.precision=bf16", "train.padding_free=true", "model.max_seq_length=2048"])
 backend = activate(cfg)
 import torch
 import torch.nn.functional as F
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-from kit.data import load_rows, prepare
-from kit.model import load_model
-from kit.template import load_tokenizer
-from kit.tiny import build_random_model
+from kit.data.load import load_rows, prepare
+from kit.train.model import load_model
+from kit.models.template import load_tokenizer
+from kit.models.tiny import build_random_model
 
 tok = load_tokenizer("bundled")
 model = load_model(cfg, str(build_random_model("tiny", 0, Path(sys.argv[1]) / "base")), backend, checkpointing=False)

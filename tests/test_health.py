@@ -4,7 +4,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from kit import health
+from kit.serve import health
 
 
 def _serve(status):

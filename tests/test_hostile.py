@@ -16,10 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from kit import hub, io, preflight, rundir
-from kit.config import ConfigError, load_config
-from kit.data import WHERE, load_data, load_rows, prepare, tokenize
-from kit.errors import AdapterError, DataError, PreflightError
+from kit.config.load import load_config
+from kit.config.schema import check_models
+from kit.core import io
+from kit.core.errors import AdapterError, ConfigError, DataError, PreflightError
+from kit.data.load import load_data, prepare, tokenize
+from kit.data.rows import WHERE, load_rows
+from kit.models import hub
+from kit.run import rundir
+from kit.serve import preflight
 from tests.helpers import ASSETS, DEMO, edit_adapter_config, run_recipe
 
 EOT, START_HEADER = 128009, 128006
@@ -196,7 +201,7 @@ def test_control_token_text_in_data_is_trained_as_plain_text_and_said(tmp_path, 
 
 
 def test_plain_rows_tokenize_as_the_whole_rendered_text(tokenizer):
-    from kit.template import render
+    from kit.models.template import render
     msgs = [{"role": "system", "content": "짧게"}, {"role": "user", "content": "<|eot_id|>는 무엇?"},
             {"role": "assistant", "content": "토큰입니다."}]
     literal = tokenize(msgs, tokenizer, 512, responses_only=True)
@@ -307,7 +312,7 @@ def test_traceback_only_when_asked_for_with_kit_debug(tmp_path):
     assert plain.stderr.strip().splitlines() == [
         "error: override 'train.num_train_epochs=.inf': train.num_train_epochs: inf is not a finite number; give a "
         "number such as 1.0."]
-    assert "Traceback" in debug.stderr and "kit.errors.ConfigError" in debug.stderr
+    assert "Traceback" in debug.stderr and "kit.core.errors.ConfigError" in debug.stderr
 
 
 # ---------------------------------------------------------------- run directories
@@ -399,7 +404,7 @@ def test_rotation_keeps_the_best_checkpoint_and_clears_half_deleted_ones(tmp_pat
 def test_checkpoint_callback_marks_then_rotates_and_record_waits_for_training(tmp_path):
     from types import SimpleNamespace
 
-    from kit.callbacks import MarkComplete, RunRecord
+    from kit.train.callbacks import MarkComplete, RunRecord
     _checkpoints(tmp_path, {4: True, 8: False})
     state = SimpleNamespace(global_step=8, is_world_process_zero=True, best_model_checkpoint=None)
     MarkComplete(keep=1).on_save(SimpleNamespace(output_dir=str(tmp_path), world_size=1), state, None)
@@ -499,18 +504,18 @@ def test_offline_tokenizer_and_missing_model_folder_name_their_setting(monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = load_config(None, ["model.name=random:tiny", "model.tokenizer=someone/not-cached-tokenizer-kit-test"])
     with pytest.raises(ConfigError, match="model.tokenizer='someone/not-cached-tokenizer-kit-test': not in the local"):
-        hub.check_models(cfg)
+        check_models(cfg)
     with pytest.raises(ConfigError, match="model.name='./models/llama': no such model folder"):
-        hub.check_models(load_config(None, ["model.name=./models/llama"]))
+        check_models(load_config(None, ["model.name=./models/llama"]))
     with pytest.raises(ConfigError, match="neither a local model folder nor a Hugging Face Hub id"):
         hub.check_model("random:tiny", "model.name")
 
 
 def test_export_and_serve_of_an_adapter_on_an_unreachable_hub_base(adapter_run, monkeypatch):
-    from kit import export
+    from kit.export import exporter
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     edit_adapter_config(adapter_run, base_model_name_or_path="someone/not-cached-base-kit-test")
-    for command in (lambda: export.export(adapter_run, "merged16"), lambda: preflight.check([adapter_run])):
+    for command in (lambda: exporter.export(adapter_run, "merged16"), lambda: preflight.check([adapter_run])):
         with _bound(60), pytest.raises(ConfigError, match="base_model_name_or_path='someone/not-cached-base-kit-test': "
                                                           "not in the local Hugging Face cache.*HF_HUB_OFFLINE=1"):
             command()
@@ -545,9 +550,9 @@ def _bound(seconds: int):
     ('{"r": 4, "base_model_name_or', "not valid JSON"),
 ])
 def test_damaged_adapter_config_is_refused_by_export_and_serve(adapter_run, content, expected):
-    from kit import export
+    from kit.export import exporter
     (adapter_run / "adapter" / "adapter_config.json").write_text(content)
-    for command in (lambda: export.export(adapter_run, "merged16"), lambda: preflight.check([adapter_run])):
+    for command in (lambda: exporter.export(adapter_run, "merged16"), lambda: preflight.check([adapter_run])):
         with pytest.raises(AdapterError, match=expected):
             command()
     assert not (adapter_run / "export").exists()
@@ -598,14 +603,14 @@ def _dead_pid() -> int:
 
 
 def test_partial_folders_of_an_interrupted_export_are_cleaned_at_the_next(adapter_run, caplog):
-    from kit import export
+    from kit.export import exporter
     pid = _dead_pid()
     left = [adapter_run / "export" / f".{name}.partial-{pid}" for name in ("merged16", "gguf-q8_0")]
     for folder in left:
         (folder / "half").mkdir(parents=True)
     live = adapter_run / "export" / f".merged16.partial-{os.getppid()}"  # a running process's work in progress
     live.mkdir()
-    out = export.export(adapter_run, "merged16")
+    out = exporter.export(adapter_run, "merged16")
     assert (out / "config.json").is_file() and not any(p.exists() for p in left) and live.is_dir()
     assert f"left by an interrupted write (process {pid})" in caplog.text
 

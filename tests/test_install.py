@@ -61,7 +61,7 @@ def test_installed_kit_trains_the_demo_and_answers(installed):
     assert manifest["result"]["steps"] == manifest["plan"]["total_steps"] == 3 and "training finished" in out.stdout
     answer = _run(bin_dir / "kit", "ask", run, "--prompt", "독일의 수도는?", "--max-new-tokens", "8", cwd=cwd)
     # the same run through transformers' own generate (not the kit's), equal up to a near-tie (tests/helpers.py)
-    from kit.infer import load_adapter_model
+    from kit.eval.infer import load_adapter_model
     from tests.helpers import decided_greedy_text
     model, tok = load_adapter_model(run)
     decided = decided_greedy_text(model, tok, [{"role": "user", "content": "독일의 수도는?"}], 8, 0.01)

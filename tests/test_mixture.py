@@ -6,9 +6,11 @@ from collections import Counter
 
 import pytest
 
-from kit.config import ConfigError, describe, load_config, to_yaml
-from kit.data import DataError, Share, load_data, mixture_counts
-from kit.template import render
+from kit.config.load import load_config, to_yaml
+from kit.config.schema import describe
+from kit.core.errors import ConfigError, DataError
+from kit.data.load import Share, load_data, mixture_counts
+from kit.models.template import render
 from tests.helpers import run_recipe
 
 NO_EVAL = ["data.eval_ratio=0", "train.eval_strategy=no", "model.max_seq_length=128"]

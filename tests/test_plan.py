@@ -1,8 +1,8 @@
 import subprocess
 import sys
 
-from kit.config import load_config
-from kit.plan import make_plan
+from kit.config.load import load_config
+from kit.train.plan import make_plan
 
 
 def test_guide_example_2400_examples_batch8_accum4():

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from kit import preflight, serve
-from kit.errors import AdapterError, PreflightError
+from kit.core.errors import AdapterError, PreflightError
+from kit.serve import launcher, preflight
 from tests.helpers import edit_adapter_config
 
 
@@ -30,7 +30,7 @@ def test_preflight_picks_smallest_allowed_rank(adapter_run):
 
 
 def test_preflight_refuses_adapter_for_another_base_shape(adapter_run, tmp_path):
-    from kit.tiny import llama31_config
+    from kit.models.tiny import llama31_config
     other = tmp_path / "other-base"
     other.mkdir()
     cfg = llama31_config("tiny").to_dict()
@@ -61,12 +61,12 @@ def test_non_loopback_needs_api_key_which_never_reaches_argv(adapter_run, monkey
     p = preflight.check([adapter_run])
     monkeypatch.delenv("KIT_API_KEY", raising=False)
     with pytest.raises(PreflightError, match="API key"):
-        serve.command(p, "0.0.0.0", 8000, "KIT_API_KEY")
+        launcher.command(p, "0.0.0.0", 8000, "KIT_API_KEY")
     monkeypatch.setenv("KIT_API_KEY", "s3cret-token")
-    cmd, env = serve.command(p, "0.0.0.0", 8000, "KIT_API_KEY")
+    cmd, env = launcher.command(p, "0.0.0.0", 8000, "KIT_API_KEY")
     assert "s3cret-token" not in " ".join(cmd) and env["VLLM_API_KEY"] == "s3cret-token"
     assert "--trust-remote-code" not in cmd
-    default_cmd, _ = serve.command(p, "127.0.0.1", 8000, "KIT_API_KEY")
+    default_cmd, _ = launcher.command(p, "127.0.0.1", 8000, "KIT_API_KEY")
     assert default_cmd[default_cmd.index("--host") + 1] == "127.0.0.1"
 
 
@@ -81,8 +81,8 @@ def test_merged_without_export_is_refused(tmp_path):
 
 
 def test_every_reader_accepts_a_bare_adapter_folder_and_maps_a_4bit_base(adapter_run, tiny_base):
-    from kit.infer import load_adapter_model
-    from kit.rundir import read_adapter
+    from kit.eval.infer import load_adapter_model
+    from kit.run.rundir import read_adapter
     folder = adapter_run / "adapter"
     edit_adapter_config(adapter_run, base_model_name_or_path=f"{tiny_base}-unsloth-bnb-4bit")
     assert read_adapter(folder) == read_adapter(adapter_run) and read_adapter(folder).base == str(tiny_base)

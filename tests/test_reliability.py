@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from kit import cli, trackers
-from kit.config import ConfigError, load_config
-from kit.data import load_data
-from kit.errors import SetupError
-from kit.gguf_source import PINS, materialize
+from kit import cli
+from kit.config.load import load_config
+from kit.core.errors import ConfigError, SetupError
+from kit.data.load import load_data
+from kit.models.gguf_source import PINS, materialize
+from kit.train import trackers
 from tests.helpers import ROOT
 
 ROWS = [{"instruction": f"질문 {i}", "output": f"답 {i}"} for i in range(20)]
@@ -209,17 +210,17 @@ def test_a_read_only_tracker_folder_is_named(tmp_path, tracker_env):
 # ---------------------------------------------------------------- Ctrl-C
 
 def test_ctrl_c_in_a_command_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
-    from kit import export
+    from kit.export import exporter
 
     def stopped(args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(export, "run_cli", stopped)
+    monkeypatch.setattr(exporter, "run_cli", stopped)
     code, err = _kit(["export", str(tmp_path), "--to", "merged16"], capsys)
     assert code == 130 and err == "kit export: stopped (Ctrl-C); run it again to finish.\n"
 
 
 def _training_run(tmp_path, status="training", checkpoints=()):
-    from kit.rundir import COMPLETE, RunDir, checkpoint_name
+    from kit.run.rundir import COMPLETE, RunDir, checkpoint_name
     run = RunDir(tmp_path / "runs" / "demo")
     run.checkpoints.mkdir(parents=True)
     run.manifest.write_text(json.dumps({"status": status, "plan": {"total_steps": 40}}))
@@ -235,7 +236,7 @@ COMMAND = ["kit", "train", "--config", "demo", "run.output_dir=my runs", "train.
 
 
 def test_ctrl_c_while_training_marks_the_run_and_names_the_checkpoint_and_the_resume(tmp_path, capsys):
-    from kit.rundir import interrupted, read_manifest
+    from kit.run.rundir import interrupted, read_manifest
     run = _training_run(tmp_path, checkpoints=[(10, True), (20, False)])
     assert interrupted(run, COMMAND) == 130
     err = capsys.readouterr().err
@@ -247,7 +248,7 @@ def test_ctrl_c_while_training_marks_the_run_and_names_the_checkpoint_and_the_re
 
 
 def test_ctrl_c_before_a_checkpoint_or_before_training(tmp_path, capsys):
-    from kit.rundir import RunDir, interrupted, read_manifest
+    from kit.run.rundir import RunDir, interrupted, read_manifest
     run = _training_run(tmp_path)
     interrupted(run, COMMAND[:-1])
     assert "no complete checkpoint yet; start again with: kit train --config demo 'run.output_dir=my runs' " \
@@ -269,13 +270,13 @@ def test_ctrl_c_before_a_checkpoint_or_before_training(tmp_path, capsys):
 ], ids=["ctrl-c", "ENOSPC", "safetensors-full"])
 def test_the_recipe_marks_a_run_stopped_while_training(tmp_path, monkeypatch, capsys, stop, code, expected):
     """The recipe's command (kit.recipes.llama31_sft) with its training replaced by one that stops mid-run."""
-    from kit.recipes import llama31_sft
-    from kit.rundir import read_manifest
+    from kit.recipes import llama31_sft, steps
+    from kit.run.rundir import RunDir, read_manifest
 
     def stopped(cfg, *args, **kwargs):
         _training_run(tmp_path, checkpoints=[(10, True)])
         raise stop
-    monkeypatch.setattr(llama31_sft, "run", stopped)
+    monkeypatch.setattr(steps, "run", stopped)
     argv = ["--config", "demo", f"run.output_dir={tmp_path / 'runs'}"]
     assert llama31_sft.main(argv) == code
     run = tmp_path / "runs" / "demo"
@@ -283,20 +284,20 @@ def test_the_recipe_marks_a_run_stopped_while_training(tmp_path, monkeypatch, ca
     assert err.startswith(expected.format(run=run)) and "Traceback" not in err, err
     assert err.rstrip().endswith(f"{' '.join(argv[:2])} run.output_dir={tmp_path / 'runs'} "
                                  "train.resume_from_checkpoint=auto"), err
-    assert read_manifest(llama31_sft.RunDir(run))["status"] == ("interrupted" if code == 130 else "failed")
+    assert read_manifest(RunDir(run))["status"] == ("interrupted" if code == 130 else "failed")
 
 
 def test_an_error_that_is_not_the_disks_stays_the_librarys_and_the_run_is_left_as_it_was(tmp_path, monkeypatch):
-    from kit.recipes import llama31_sft
-    from kit.rundir import read_manifest
+    from kit.recipes import llama31_sft, steps
+    from kit.run.rundir import RunDir, read_manifest
 
     def broken(cfg, *args, **kwargs):
         _training_run(tmp_path)
         raise ValueError("a library's own bug")
-    monkeypatch.setattr(llama31_sft, "run", broken)
+    monkeypatch.setattr(steps, "run", broken)
     with pytest.raises(ValueError, match="a library's own bug"):
         llama31_sft.main(["--config", "demo", f"run.output_dir={tmp_path / 'runs'}"])
-    assert read_manifest(llama31_sft.RunDir(tmp_path / "runs" / "demo"))["status"] == "training"
+    assert read_manifest(RunDir(tmp_path / "runs" / "demo"))["status"] == "training"
 
 
 # ---------------------------------------------------------------- two processes on one run directory
@@ -305,7 +306,7 @@ def test_a_run_directory_another_process_trains_in_is_refused_until_that_process
     import subprocess
     import sys
 
-    from kit import rundir
+    from kit.run import rundir
     run = tmp_path / "runs" / "demo"
     run.mkdir(parents=True)
     (run / "notes.txt").write_text("mine")
@@ -338,7 +339,7 @@ def test_a_run_directory_another_process_trains_in_is_refused_until_that_process
     ("checkpoints/checkpoint-4", ["train.resume_from_checkpoint=auto"]),
 ], ids=["new", "resume", "resume-checkpoint"])
 def test_a_read_only_checkpoint_folder_is_found_before_training(tmp_path, folder, resume):
-    from kit import rundir
+    from kit.run import rundir
     run = tmp_path / "runs" / "demo"
     (run / "checkpoints").mkdir(parents=True)
     if resume:

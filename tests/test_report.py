@@ -1,5 +1,5 @@
 """Run-directory records that do not need training."""
-from kit import report
+from kit.train import report
 
 
 def test_command_line_records_what_the_user_typed():

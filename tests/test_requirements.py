@@ -43,7 +43,7 @@ def test_training_has_torch_with_gqa_varlen_and_serving_keeps_vllms_torch_apart(
 
 def test_every_requirements_file_the_image_and_guides_name_exists():
     named = set()
-    for doc in ["Dockerfile", "README.md", "docs/ko/README.md", "docs/docker.md", "Makefile", "kit/errors.py"]:
+    for doc in ["Dockerfile", "README.md", "docs/ko/README.md", "docs/docker.md", "Makefile", "kit/core/errors.py"]:
         named |= set(re.findall(r"requirements/([\w.-]+\.txt)", (ROOT / doc).read_text()))
     assert named and {n for n in named if not (REQUIREMENTS / n).is_file()} == set()
 

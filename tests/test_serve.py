@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kit import preflight, serve
+from kit.serve import launcher, preflight
 from tests.helpers import adapter_reference, free_port, question, train_rows
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def server(demo_run):
     run_dir = demo_run[0]
     p = preflight.check([run_dir])
-    srv = serve.start(p, port=free_port(), log=run_dir.parent / "serve-test.log", timeout=600)
+    srv = launcher.start(p, port=free_port(), log=run_dir.parent / "serve-test.log", timeout=600)
     try:
         yield srv, p
     finally:
@@ -88,7 +88,7 @@ def test_chat_cli_streams_and_names_the_model(server, demo_run):
 
 
 def test_verify_compares_the_server_with_base_plus_adapter(server, demo_run):
-    from kit.verify import THRESHOLDS, verify
+    from kit.eval.verify import THRESHOLDS, verify
     rows = train_rows(demo_run[0]).select(range(2))
     prompts = [question(r) for r in rows]
     results = verify(demo_run[0], server[0].url + "/v1", "demo", prompts)
@@ -101,8 +101,8 @@ def test_the_server_says_its_tokens_and_renders_the_trained_template(client, dem
     """What kit verify reads from vLLM: the answer's own token ids and the prompt as the server rendered it."""
     from transformers import AutoTokenizer
 
-    from kit.rundir import read_adapter
-    from kit.verify import prompt_ids, served_answer
+    from kit.eval.verify import prompt_ids, served_answer
+    from kit.run.rundir import read_adapter
     tok = AutoTokenizer.from_pretrained(str(read_adapter(demo_run[0]).path))
     row = train_rows(demo_run[0])[0]
     r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": question(row)}],

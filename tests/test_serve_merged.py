@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 
-from kit import preflight, serve
-from kit.export import export
+from kit.export.exporter import export
+from kit.serve import launcher, preflight
 from tests.helpers import adapter_reference, question, train_rows
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def test_merged_export_served_by_vllm_gives_the_trained_answer(demo_run):
         cli = subprocess.Popen([sys.executable, "-m", "kit.cli", "serve", str(run_dir), "--merged",
                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        serve.wait_healthy(cli, url, timeout=600)
+        launcher.wait_healthy(cli, url, timeout=600)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none")
         row = train_rows(run_dir)[0]
         r = client.chat.completions.create(model=p.base, messages=[{"role": "user", "content": question(row)}],

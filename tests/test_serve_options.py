@@ -14,9 +14,9 @@ import urllib.request
 
 import pytest
 
-from kit import preflight, serve
 from kit.cli import main
-from kit.errors import PreflightError
+from kit.core.errors import PreflightError
+from kit.serve import launcher, preflight
 from tests.helpers import edit_adapter_config, free_port
 
 
@@ -39,15 +39,15 @@ def _dry_run(capsys, *args) -> tuple[int, str, str]:
 
 def test_without_vllm_kit_serve_names_the_setup_target_of_each_machine(monkeypatch, tmp_path):
     monkeypatch.delenv("KIT_VLLM_PYTHON", raising=False)
-    monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(serve.env, "checkout", lambda: tmp_path)  # a checkout without .venv-serve
+    monkeypatch.setattr(launcher.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(launcher.env, "checkout", lambda: tmp_path)  # a checkout without .venv-serve
     with pytest.raises(PreflightError) as e:
-        serve.vllm_python()
+        launcher.vllm_python()
     assert "`make setup-serve` (CPU" in str(e.value) and "`make setup-gpu` (vLLM 0.26" in str(e.value)
-    venv_python = tmp_path / serve.SERVE_VENV / "bin" / "python"
+    venv_python = tmp_path / launcher.SERVE_VENV / "bin" / "python"
     venv_python.parent.mkdir(parents=True)
     venv_python.touch()
-    assert serve.vllm_python() == str(venv_python)
+    assert launcher.vllm_python() == str(venv_python)
 
 
 # ---------------------------------------------------------------- LoRA settings
@@ -55,7 +55,7 @@ def test_without_vllm_kit_serve_names_the_setup_target_of_each_machine(monkeypat
 def test_lora_slots_follow_the_adapters_and_runtime_loading_gets_cpu_room(adapter_run):
     spec = preflight.check([adapter_run])
     assert (spec.max_lora_rank, spec.max_loras, spec.max_cpu_loras) == (8, 1, 1)
-    cmd, _ = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")
+    cmd, _ = launcher.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")
     assert cmd[cmd.index("--max-loras") + 1] == "1" and cmd[cmd.index("--max-cpu-loras") + 1] == "1"
     runtime = preflight.check([adapter_run], runtime_adapters=True)
     assert runtime.max_loras == 1 and runtime.max_cpu_loras == 1 + preflight.RUNTIME_ADAPTER_ROOM
@@ -77,29 +77,29 @@ def test_lora_settings_vllm_would_refuse_are_refused(adapter_run, rank, options,
                                    "vllm 0.26.0+xpu", ""])
 def test_lora_kernel_settings_are_set_for_cuda_builds_and_the_users_own_win(adapter_run, tmp_path, monkeypatch,
                                                                            capsys, build):
-    monkeypatch.setattr(serve, "vllm_build", lambda python: build)
+    monkeypatch.setattr(launcher, "vllm_build", lambda python: build)
     folder = tmp_path / "lora"
     folder.mkdir()
-    monkeypatch.setattr(serve, "TUNED_LORA_CONFIGS", folder)
+    monkeypatch.setattr(launcher, "TUNED_LORA_CONFIGS", folder)
     for var in ("VLLM_TUNED_CONFIG_FOLDER", "VLLM_LORA_ENABLE_DUAL_STREAM"):
         monkeypatch.delenv(var, raising=False)
     cuda = build in ("vllm 0.26.0", "vllm 0.26.0+cu130")  # "": no vLLM to ask (vLLM itself will say so)
     spec = preflight.check([adapter_run])
-    child_env = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
+    child_env = launcher.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
     # vLLM's CPU build asserts a CUDA platform when the LoRA stream is on
     assert child_env.get("VLLM_LORA_ENABLE_DUAL_STREAM") == ("1" if cuda else None)
     assert "VLLM_TUNED_CONFIG_FOLDER" not in child_env  # an empty folder
     (folder / "NVIDIA_H100_80GB_HBM3_SHRINK.json").write_text('{"1": {}}')  # the name vLLM looks for
-    child_env = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
+    child_env = launcher.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
     assert child_env.get("VLLM_TUNED_CONFIG_FOLDER") == (str(folder) if cuda else None)
     code, out, _ = _dry_run(capsys, adapter_run)
     assert code == 0 and (f"VLLM_LORA_ENABLE_DUAL_STREAM=1 VLLM_TUNED_CONFIG_FOLDER={folder} " in out) == cuda
     merged = dataclasses.replace(spec, adapters=[])  # nothing to tune without adapters
     assert not {"VLLM_TUNED_CONFIG_FOLDER", "VLLM_LORA_ENABLE_DUAL_STREAM"} & set(
-        serve.command(merged, "127.0.0.1", 8000, "KIT_API_KEY")[1])
+        launcher.command(merged, "127.0.0.1", 8000, "KIT_API_KEY")[1])
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/mine")
     monkeypatch.setenv("VLLM_LORA_ENABLE_DUAL_STREAM", "0")
-    child_env = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
+    child_env = launcher.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
     assert (child_env["VLLM_TUNED_CONFIG_FOLDER"], child_env["VLLM_LORA_ENABLE_DUAL_STREAM"]) == ("/mine", "0")
 
 
@@ -114,7 +114,7 @@ def test_an_interpreter_that_cannot_say_its_vllm_build_gets_no_cuda_settings(ada
 def test_the_shipped_lora_kernel_configs_cover_llama_31_8b_as_vllm_looks_them_up():
     """vLLM reads config[max_loras + 1][num_slices][tokens][k][n] from {gpu}_SHRINK.json and
     {gpu}_EXPAND_{TRUE,FALSE}.json (vllm/lora/ops/triton_ops/utils.py), nearest key where one is missing."""
-    files = sorted(serve.TUNED_LORA_CONFIGS.glob("*.json"))
+    files = sorted(launcher.TUNED_LORA_CONFIGS.glob("*.json"))
     assert files, "no tuned configs shipped"
     fields = {"SHRINK": {"block_m", "block_n", "block_k", "split_k", "num_warps", "num_ctas", "num_stages"},
               "EXPAND": {"block_m", "block_n", "block_k", "num_warps", "num_ctas", "num_stages"}}
@@ -165,7 +165,7 @@ def test_fp8_is_refused_on_vllm_cpu_with_the_reason(adapter_run, capsys):
 
 
 def test_fp8_and_kv_cache_dtype_reach_vllm(adapter_run, monkeypatch, capsys):
-    monkeypatch.setattr(serve, "vllm_build", lambda python: "vllm 0.26.0")  # a CUDA build
+    monkeypatch.setattr(launcher, "vllm_build", lambda python: "vllm 0.26.0")  # a CUDA build
     code, out, err = _dry_run(capsys, adapter_run, "--fp8", "--kv-cache-dtype", "fp8")
     assert code == 0 and " --quantization fp8 " in out and " --kv-cache-dtype fp8 " in out
     assert "kit verify" in err  # the note: check the answers
@@ -178,7 +178,7 @@ def test_tensor_parallel_needs_the_gpus_and_room_for_the_weights(adapter_run, mo
     code, out, err = _dry_run(capsys, adapter_run, "--tensor-parallel-size", "2")  # this machine: no CUDA GPU
     assert code == 2 and "sees 0 CUDA GPU(s)" in err and "Traceback" not in err
     two_gpus = "2 85899345920 85899345920"  # what the probe prints for two 80 GiB cards
-    monkeypatch.setattr(serve, "_probe", lambda python, code: two_gpus if "device_count" in code else "")
+    monkeypatch.setattr(launcher, "_probe", lambda python, code: two_gpus if "device_count" in code else "")
     code, out, err = _dry_run(capsys, adapter_run, "--tensor-parallel-size", "2")
     assert code == 0 and " --tensor-parallel-size 2 " in out
     code, out, err = _dry_run(capsys, adapter_run, "--tensor-parallel-size", "3")  # the tiny model has 2 heads
@@ -215,18 +215,18 @@ def test_options_after_a_double_dash_reach_vllm_last_and_those_the_kit_sets_are_
 
 
 def test_every_flag_kit_serve_writes_is_one_it_refuses_after_the_double_dash(adapter_run, monkeypatch):
-    monkeypatch.setattr(serve, "check_fp8", lambda spec, python: None)
-    monkeypatch.setattr(serve, "check_tensor_parallel", lambda spec, python: None)
+    monkeypatch.setattr(launcher, "check_fp8", lambda spec, python: None)
+    monkeypatch.setattr(launcher, "check_tensor_parallel", lambda spec, python: None)
     spec = dataclasses.replace(preflight.check([adapter_run], fp8=True, kv_cache_dtype="fp8", max_model_len=64),
                                tensor_parallel_size=2, gpu_memory_utilization=0.5)
-    cmd, _ = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")
+    cmd, _ = launcher.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")
     written = {a for a in cmd if a.startswith("-")} - {"-m"}  # python -m vllm...
     assert {"--quantization", "--kv-cache-dtype", "--tensor-parallel-size", "--enable-lora"} <= written
-    assert written <= set(serve.KIT_SETS)
+    assert written <= set(launcher.KIT_SETS)
 
 @pytest.mark.parametrize("avx512_or_amx", [True, False])
 def test_fp8_kv_cache_on_vllm_cpu_needs_avx512_or_amx(adapter_run, monkeypatch, capsys, avx512_or_amx):
-    monkeypatch.setattr(serve, "cpu_fp8_kv_cache", lambda python: avx512_or_amx)
+    monkeypatch.setattr(launcher, "cpu_fp8_kv_cache", lambda python: avx512_or_amx)
     code, out, err = _dry_run(capsys, adapter_run, "--kv-cache-dtype", "fp8_e4m3")
     if avx512_or_amx:
         assert code == 0 and " --kv-cache-dtype fp8_e4m3 " in out
@@ -239,7 +239,7 @@ def test_fp8_kv_cache_on_vllm_cpu_needs_avx512_or_amx(adapter_run, monkeypatch, 
 def test_runtime_adapters_only_when_asked_for(adapter_run, monkeypatch, capsys):
     monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")  # left in the shell: not enough
     spec = preflight.check([adapter_run])
-    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in launcher.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")[1]
     code, out, _ = _dry_run(capsys, adapter_run, "--allow-runtime-adapters")
     assert code == 0 and out.startswith("VLLM_CPU_KVCACHE_SPACE=") and "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True " in out
     with pytest.raises(PreflightError, match="takes no adapters"):
@@ -305,7 +305,7 @@ def test_vllm_ends_with_kit_serve(adapter_run, fake_vllm, tmp_path, how):
     with open(tmp_path / "kit.out", "w") as log:
         kit = _kit_serve(adapter_run, port, fake_vllm, log)
     try:
-        serve.wait_healthy(kit, f"http://127.0.0.1:{port}", 60)
+        launcher.wait_healthy(kit, f"http://127.0.0.1:{port}", 60)
         pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
         kit.send_signal(getattr(signal, how))
         code = kit.wait(60)
@@ -325,8 +325,8 @@ def test_vllm_ends_with_kit_serve(adapter_run, fake_vllm, tmp_path, how):
 def test_the_kernel_signals_vllm_when_its_parent_dies_however_it_dies(tmp_path):
     """PR_SET_PDEATHSIG alone: the parent is killed with SIGKILL, before any handler or guard could act."""
     parent = subprocess.Popen([sys.executable, "-c", (
-        "import subprocess, sys, time; from kit import serve\n"
-        "p = subprocess.Popen(['sleep', '600'], preexec_fn=serve._die_with_parent(), start_new_session=True)\n"
+        "import subprocess, sys, time; from kit.serve import launcher\n"
+        "p = subprocess.Popen(['sleep', '600'], preexec_fn=launcher._die_with_parent(), start_new_session=True)\n"
         "print(p.pid, flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     parent.kill()
@@ -344,7 +344,7 @@ def _stubborn_group() -> subprocess.Popen:
 
 def test_guard_ends_the_group_when_kit_serve_is_gone_and_kills_what_ignores_sigterm():
     group = _stubborn_group()
-    guard = subprocess.Popen([sys.executable, "-m", "kit.serve_guard", str(group.pid), "1"], stdin=subprocess.PIPE)
+    guard = subprocess.Popen([sys.executable, "-m", "kit.serve.guard", str(group.pid), "1"], stdin=subprocess.PIPE)
     time.sleep(0.5)
     assert group.poll() is None
     guard.stdin.close()  # what the kernel does when kit serve's process is gone
@@ -364,7 +364,7 @@ def test_guard_ends_the_group_when_kit_serve_is_gone_and_kills_what_ignores_sigt
 def test_guard_leaves_the_group_alone_after_a_clean_stop():
     group = _stubborn_group()
     try:
-        guard = subprocess.Popen([sys.executable, "-m", "kit.serve_guard", str(group.pid), "1"],
+        guard = subprocess.Popen([sys.executable, "-m", "kit.serve.guard", str(group.pid), "1"],
                                  stdin=subprocess.PIPE)
         guard.stdin.write(b"x")
         guard.stdin.close()
@@ -383,8 +383,8 @@ def _reference(margins: list[float], stop: bool = False):
     step is <|eot_id|>), each won by its margin over the runner-up, token 40 (<|eot_id|> where that is the winner)."""
     import numpy as np
 
-    from kit.llama import STOP_TOKEN_IDS
-    from kit.verify import Reference
+    from kit.eval.verify import Reference
+    from kit.models.llama import STOP_TOKEN_IDS
     eot = STOP_TOKEN_IDS[0]
     tokens = [10 + i for i in range(len(margins))]
     if stop:
@@ -397,7 +397,7 @@ def _reference(margins: list[float], stop: bool = False):
 
 
 def test_verify_counts_a_server_answer_parting_at_a_near_tie_as_agreeing():
-    from kit.verify import TIE_NATS, _judge, _tie_aware, table
+    from kit.eval.verify import TIE_NATS, _judge, _tie_aware, table
     ref = _reference([3.0, TIE_NATS / 2, 3.0, 3.0])
     assert _tie_aware(ref, [10, 11, 12, 13]) == (1.0, False)
     assert _tie_aware(ref, [10, 40, 7, 7]) == (0.25, True)     # the runner-up at the near-tie: rounding decided it
@@ -412,7 +412,7 @@ def test_verify_counts_a_server_answer_parting_at_a_near_tie_as_agreeing():
 
 
 def test_verify_judges_stopping_early_or_late_at_a_near_tie_of_the_stop_token():
-    from kit.verify import TIE_NATS, _tie_aware
+    from kit.eval.verify import TIE_NATS, _tie_aware
     ends = _reference([3.0, 3.0, TIE_NATS / 2], stop=True)  # answers 10, 11, then <|eot_id|> just ahead of 40
     assert _tie_aware(ends, [10, 11]) == (1.0, False)
     assert _tie_aware(ends, [10, 11, 40, 9]) == (1.0, False)  # ran on past the reference's stop: its text matched
@@ -442,8 +442,8 @@ def test_verify_compares_the_tokens_the_server_chose_not_its_text_cut_again(toke
     reference was sure (as on the H200, 4% agreement). vLLM's own token ids keep what the model chose."""
     import numpy as np
 
-    from kit.llama import STOP_TOKEN_IDS
-    from kit.verify import Reference, _tie_aware, served_answer
+    from kit.eval.verify import Reference, _tie_aware, served_answer
+    from kit.models.llama import STOP_TOKEN_IDS
     chosen, eot = [220, 220, 67525], STOP_TOKEN_IDS[0]
     text = tokenizer.decode(chosen)
     logits = np.zeros((2 + 4, max(STOP_TOKEN_IDS) + 1), dtype=np.float32)
@@ -462,12 +462,12 @@ def test_verify_compares_the_tokens_the_server_chose_not_its_text_cut_again(toke
 
 def _rendered(*pairs):
     """(served prompt ids, trained prompt ids) pairs as the answers and references kit verify holds."""
-    from kit.verify import Answer, Reference
+    from kit.eval.verify import Answer, Reference
     return [Answer([], True, served) for served, _ in pairs], [Reference(local, [], None) for _, local in pairs]
 
 
 def test_verify_names_a_chat_template_the_server_renders_otherwise():
-    from kit.verify import _template_problem
+    from kit.eval.verify import _template_problem
     assert _template_problem(*_rendered(([1, 2, 3], [1, 2, 3]), (None, [7, 8]))) is None  # the same, or not said
     problem = _template_problem(*_rendered(([1, 2, 3], [1, 2, 3]), ([1, 2, 9, 9, 9], [1, 2, 3, 4])))
     assert "at token 2 of 4" in problem and "server [9, 9, 9]" in problem and "trained [3, 4]" in problem
@@ -483,6 +483,6 @@ def test_verify_names_a_chat_template_the_server_renders_otherwise():
 ])
 def test_verify_names_the_likely_cause_of_a_served_adapter_that_disagrees(changes, base_agreement, share, checked,
                                                                           expected, not_expected):
-    from kit.verify import _cause
+    from kit.eval.verify import _cause
     cause = _cause("ko", "meta-llama/Llama-3.1-8B-Instruct", changes, base_agreement, share, checked)
     assert expected in cause and (not_expected is None or not_expected not in cause)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from kit import preflight, serve
-from kit.errors import PreflightError
+from kit.core.errors import PreflightError
+from kit.serve import launcher, preflight
 from tests.helpers import free_port, question
 
 START_TIMEOUT = 900  # seconds for vLLM's /health: a CPU start is 2-7 minutes on 2 shared cores
-STOP_TIMEOUT = 60 + serve.STOP_GRACE
+STOP_TIMEOUT = 60 + launcher.STOP_GRACE
 
 
 # ---------------------------------------------------------------- the preflight, on the small adapter fixture
@@ -37,10 +37,10 @@ def _with_template(run: Path, where: Path, template: str) -> Path:
 
 def test_the_chat_format_is_read_off_the_saved_tokenizers_files(adapter_run, tokenizer, tmp_path):
     """kit serve's preflight reads the run's template, eos and stop ids from its files (no transformers import), as
-    kit.template.chat_format reads them from the loaded tokenizer."""
+    kit.models.template.chat_format reads them from the loaded tokenizer."""
     from transformers import AutoTokenizer
 
-    from kit.template import chat_format
+    from kit.models.template import chat_format
     assert preflight.folder_chat_format(adapter_run / "adapter") == chat_format(tokenizer)
     custom = _with_template(adapter_run, tmp_path / "custom", "{{- bos_token }}" + tokenizer.chat_template)
     fmt = preflight.folder_chat_format(custom / "adapter")
@@ -66,10 +66,10 @@ def test_a_base_that_lacks_the_runs_stop_tokens_gets_them(adapter_run, tiny_base
     (base / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": 128001, "temperature": 0.6}))
     spec = preflight.check([adapter_run], base=str(base))
     assert spec.generation_config == {**gen, "eos_token_id": [128001, 128008, 128009], "temperature": 0.6}
-    cmd, _ = serve.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")
+    cmd, _ = launcher.command(spec, "127.0.0.1", 8000, "KIT_API_KEY")
     folder = Path(cmd[cmd.index("--generation-config") + 1])
     assert json.loads((folder / "generation_config.json").read_text()) == spec.generation_config
-    assert serve.generation_config_folder(spec.generation_config) == folder  # named by its content: reused
+    assert launcher.generation_config_folder(spec.generation_config) == folder  # named by its content: reused
 
 
 # ---------------------------------------------------------------- the real servers
@@ -91,7 +91,7 @@ def _answers(url: str) -> bool:
 def _serving(run_dir: Path, *options: str):
     """`kit serve RUN_DIR OPTIONS` on a free port until the block ends; yields its URL (without /v1). Stopped as
     docker stop does (SIGTERM: kit serve stops vLLM's process group); if kit serve outlives that, it is killed and
-    kit.serve_guard ends vLLM's group."""
+    kit.serve.guard ends vLLM's group."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(run_dir.parent / f"kit-serve-{port}.out", "w") as out:
@@ -99,7 +99,7 @@ def _serving(run_dir: Path, *options: str):
                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         try:
-            serve.wait_healthy(cli, url, START_TIMEOUT)
+            launcher.wait_healthy(cli, url, START_TIMEOUT)
         except (ChildProcessError, TimeoutError) as e:
             raise AssertionError(f"kit serve {' '.join(options)}: {e}\n{Path(out.name).read_text()[-3000:]}") from None
         yield url
@@ -162,8 +162,8 @@ def run(smollm2_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def held_out(run):
     """A question of the run's eval split, as the recipe split it."""
-    from kit.config import load_config
-    from kit.data import load_rows, split_eval
+    from kit.config.load import load_config
+    from kit.data.rows import load_rows, split_eval
     cfg = load_config(run / "config.yaml")
     _, rows = split_eval(load_rows(cfg.data.path), cfg.data.eval_ratio, cfg.train.seed, cfg.data.path)
     return question(rows[0])

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kit import serve
 from kit.cli import main
+from kit.serve import launcher
 from tests.helpers import adapter_reference, free_port, question, train_rows
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def server(demo_run, tmp_path_factory):
                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     try:
         try:
-            serve.wait_healthy(kit, f"http://127.0.0.1:{port}", 600)
+            launcher.wait_healthy(kit, f"http://127.0.0.1:{port}", 600)
         except (TimeoutError, ChildProcessError) as e:
             pytest.fail(f"kit serve {e}:\n{out.read_text()[-3000:]}")
         yield kit, f"http://127.0.0.1:{port}/v1"
@@ -101,8 +101,8 @@ def test_adapter_failing_the_preflight_is_refused(server, variants, capsys, vari
 
 
 def test_a_rank_above_the_servers_is_explained(server, demo_run, variants, capsys):
-    from kit.preflight import lora_rank
-    from kit.rundir import read_adapter
+    from kit.run.rundir import read_adapter
+    from kit.serve.preflight import lora_rank
     url, served = server[1], lora_rank(read_adapter(demo_run[0]).rank)
     assert main(["adapters", "load", url, str(variants / "rank512")]) == 2
     err = capsys.readouterr().err
@@ -111,7 +111,7 @@ def test_a_rank_above_the_servers_is_explained(server, demo_run, variants, capsy
 
 
 def test_verify_shows_the_served_adapter_changes_the_answers(server, demo_run):
-    from kit.verify import THRESHOLDS, verify
+    from kit.eval.verify import THRESHOLDS, verify
     prompts = [question(r) for r in train_rows(demo_run[0]).select(range(2))]
     results = {r.target: r for r in verify(demo_run[0], server[1], "demo", prompts)}
     # kit verify's own bars (a near-tie may flip under bf16), not exact agreement
@@ -122,7 +122,7 @@ def test_verify_shows_the_served_adapter_changes_the_answers(server, demo_run):
 
 
 def test_verify_reports_an_adapter_that_changes_nothing(server, demo_run, variants):
-    from kit.verify import table, verify
+    from kit.eval.verify import table, verify
     url = server[1]
     assert main(["adapters", "load", url, str(variants / "zero")]) == 0
     prompts = [question(r) for r in train_rows(demo_run[0]).select(range(2))]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kit import trackers
-from kit.errors import SetupError
-from kit.rundir import RunDir
+from kit.core.errors import SetupError
+from kit.run.rundir import RunDir
+from kit.train import trackers
 from tests.helpers import DEMO, question, run_recipe
 
 SHORT = ["data.max_examples=48", "train.num_train_epochs=2", "train.logging_steps=2"]
@@ -49,9 +49,9 @@ def test_parameters_are_flat_dotted_names_in_mlflows_characters_and_length():
 def test_held_out_prompts_are_the_trained_conversation_up_to_its_last_answer(tokenizer):
     from datasets import Dataset
 
-    from kit.data import tokenize
-    from kit.heldout import held_out
-    from kit.template import render
+    from kit.data.heldout import held_out
+    from kit.data.load import tokenize
+    from kit.models.template import render
     chat = [{"role": "system", "content": "짧게 답하세요."}, {"role": "user", "content": "1 더하기 1은?"},
             {"role": "assistant", "content": "2입니다."}, {"role": "user", "content": "2 더하기 2는?"},
             {"role": "assistant", "content": "4입니다."}]
@@ -118,7 +118,7 @@ def test_trackers_and_sample_answers_leave_training_as_it_was(tracked):
 
 @pytest.mark.slow
 def test_sample_answers_are_logged_at_each_evaluation(tracked):
-    from kit.data import SAMPLE, load_rows
+    from kit.data.rows import SAMPLE, load_rows
     runs, res = tracked
     metrics = _metrics(runs / "tracked")
     evals = [m["step"] for m in metrics if "eval_loss" in m]

@@ -64,15 +64,15 @@ def test_lora_weights_changed_and_base_frozen(demo_run, tmp_path):
     assert set(optim["state"]) == set(trained), "every trained parameter took steps"
     assert sum(st["exp_avg"].numel() for st in optim["state"].values()) == sum(v.numel() for v in weights.values())
     # and the base it applies to is the one it started from: a fresh build from the same seed, bit for bit
-    from kit.tiny import build_random_model
+    from kit.models.tiny import build_random_model
     fresh = build_random_model("tiny", 0, tmp_path / "fresh")
     a, b = load_file(run_dir / "base-model/model.safetensors"), load_file(fresh / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 def test_demo_answers_training_questions_with_trained_answers(demo_run):
-    from kit.data import to_messages
-    from kit.infer import generate, load_adapter_model
+    from kit.data.load import to_messages
+    from kit.eval.infer import generate, load_adapter_model
     from tests.helpers import decided_greedy_text
     run_dir = demo_run[0]
     model, tok = load_adapter_model(run_dir)
@@ -90,7 +90,7 @@ def test_demo_answers_training_questions_with_trained_answers(demo_run):
 
 
 def test_demo_logs_sample_answers_the_model_gives_at_each_evaluation(demo_run):
-    from kit.infer import load_adapter_model
+    from kit.eval.infer import load_adapter_model
     from tests.helpers import decided_greedy_text
     run_dir = demo_run[0]
     metrics = _metrics(run_dir)

@@ -1,5 +1,5 @@
 """Preference training (DPO, or ORPO with train.method=orpo) with LoRA or 4-bit QLoRA: setup -> train -> save,
-the same steps as kit.recipes.llama31_sft, on preference pairs (kit.preference).
+the same steps as kit.recipes.llama31_sft, on preference pairs (kit.data.preference).
 
     python -m kit.recipes.dpo                                    # the dpo recipe: Llama 3.1 8B, QLoRA
     python -m kit.recipes.dpo --config dpo_demo                  # SmolLM2-135M on the shipped Korean pairs, CPU
@@ -16,15 +16,16 @@ rewards/accuracies and rewards/margins.
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
-from kit.recipes import llama31_sft
+from kit.recipes import steps
 
 MODULE = "kit.recipes.dpo"  # recorded in the manifest and started by torchrun (--devices)
 PROG = f"python -m {MODULE}"
 
 
-def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    return llama31_sft.main(argv, prog, recipe="dpo", methods=("dpo", "orpo"), doc=__doc__, module=MODULE)
+def main(argv: Optional[list[str]] = None, prog: str = PROG) -> int:
+    return steps.main(argv, prog, recipe="dpo", methods=("dpo", "orpo"), doc=__doc__, module=MODULE)
 
 
 if __name__ == "__main__":

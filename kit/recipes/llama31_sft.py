@@ -11,194 +11,22 @@ trainer (sft; dpo and orpo on preference pairs: kit.recipes.dpo runs the same st
 Backends: Unsloth (default; its CUDA kernels, or its CPU fallback) or transformers + PEFT (model.backend=hf).
 The run directory runs/<run.name>/ receives config.yaml, manifest.json, metrics.jsonl (with sample answers),
 tensorboard/ (and wandb/ or mlflow.db: train.report_to), loss.png, checkpoints/ and the final PEFT adapter in
-adapter/ (kit.rundir).
+adapter/ (kit.run.rundir).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import functools
-import logging
 import sys
-from pathlib import Path
 from typing import Optional
 
-from kit import distributed, gguf, gguf_source, hub, report, rundir, trackers
-from kit.backend import activate, check_machine
-from kit.config import DEFAULT_RECIPE, Config, describe, load_config, shipped_recipes, to_yaml
-from kit.data import load_data, mixture_table
-from kit.errors import ConfigError, KitError, exit_with
-from kit.export import export
-from kit.io import write_json
-from kit.plan import Plan, execution, make_plan
-from kit.preference import load_pairs
-from kit.rundir import RunDir, save_adapter
-from kit.template import chat_format, load_tokenizer
-from kit.tiny import build_random_model
+from kit.config.load import DEFAULT_RECIPE
+from kit.recipes import steps
 
 MODULE = "kit.recipes.llama31_sft"  # what a run records and torchrun starts (kit.recipes.dpo: its own)
 PROG = f"python -m {MODULE}"
 
 
-def parse_args(argv: list[str], prog: str, recipe: str = DEFAULT_RECIPE, doc: str = __doc__) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help=f"a shipped recipe ({', '.join(shipped_recipes())}) or a recipe YAML file "
-                                    f"(default: {recipe})")
-    p.add_argument("--plan", action="store_true", help="print the step plan and exit; loads no model")
-    p.add_argument("--examples", type=_count, help="with --plan: assume this many training examples (no data read)")
-    p.add_argument("--devices", type=_count, metavar="N", help="train on N GPUs of this machine, one process each "
-                                                                "(DDP, through torchrun); with --plan: plan for N")
-    p.add_argument("--help-config", action="store_true", help="list every setting with its default")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.learning_rate=2e-4 lora.r=32")
-    return p.parse_intermixed_args(argv)  # options may come between overrides: `a=1 --devices 2 b=2`
-
-
-def _count(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of 1 or more")
-    return int(text)
-
-
-def run(cfg: Config, world: distributed.World, plan_only: bool = False, devices: int = 1,
-        module: str = MODULE) -> None:
-    """Train as this process's part of `world` (one process, or the ranks torchrun started); plan_only: print
-    the plan for `devices` devices; `module`: the recipe module that runs, for the record."""
-    # ---------------------------------------------------------------- setup
-    hub.check_models(cfg)  # in seconds, where the Hub client would retry for a minute
-    backend = activate(cfg, world)  # checks this machine, joins the other ranks, imports Unsloth before TRL
-    from kit import train  # the import boundary: transformers, TRL and PEFT come in here, after Unsloth
-
-    # rank 0 first: the others read what it downloaded, dequantized and cached
-    base = distributed.main_first(world, base_model, cfg.model.name)
-    tokenizer = distributed.main_first(world, load_tokenizer, tokenizer_source(cfg, base), cfg.model.revision,
-                                       cfg.model.chat_template, cfg.model.tokenizer or cfg.model.name)
-    chat = chat_format(tokenizer)
-    # the run directory once the model's chat format is known, before the data load; rank 0 creates it, the
-    # others wait for it
-    resume = None if plan_only else distributed.on_main(world, start_run, cfg, world.size)
-    # the method's data: SFT's examples, or preference pairs (DPO, ORPO)
-    data = distributed.main_first(world, load_data if cfg.train.method == "sft" else load_pairs, cfg, tokenizer)
-    plan = train.plan(cfg, backend, data, devices)  # training: devices is the world's size (main)
-    if world.main:
-        source = f"a mixture of {len(data.mixture)} sources" if data.mixture else cfg.data.path
-        print(f"plan for {cfg.run_dir} ({source}):\n{plan.render()}")
-        if data.mixture:
-            print(mixture_table(data.mixture))
-    if plan_only:
-        return
-    if resume is not None:
-        rundir.check_unfinished(resume, plan.total_steps)
-    run_dir = RunDir(cfg.run_dir)
-    if cfg.model.random_shape is not None:
-        shape, seed = cfg.model.random_shape, cfg.model.random_seed
-        base = str(distributed.on_main(world, build_random_model, shape, seed, run_dir.base_model).resolve())
-    record = {**report.manifest(cfg, backend, data, plan, base, chat, module), **train.method_record(cfg)}
-    begin = functools.partial(rundir.begin, run_dir, to_yaml(cfg), {**record, "status": "training"}, resume)
-
-    # ---------------------------------------------------------------- train
-    trained = train.train(cfg, backend, tokenizer, data, run_dir, base, resume, plan.execution, begin)
-    if not world.main:
-        return
-
-    # ---------------------------------------------------------------- save (rank 0)
-    adapter = save_adapter(trained.model, tokenizer, run_dir.adapter, base)
-    result = report.finish(cfg, run_dir, backend, plan, trained, adapter, chat)
-    preference = {"preference": trained.preference} if trained.preference is not None else {}
-    write_json(run_dir.manifest, {**record, "result": dataclasses.asdict(result), "overfit_alarms": trained.alarms,
-                                  **preference})
-    print(report.summary(result))
-    if trained.preference is not None:
-        p = trained.preference
-        print(f"held-out preference accuracy: {p['accuracy']:.3f} over {p['pairs']} pairs (start: 0; reference: "
-              f"{p['reference']}); raw log-probs prefer chosen: base {p['base_logprob_accuracy']:.3f}, trained "
-              f"{p['policy_logprob_accuracy']:.3f}")
-    for fmt in cfg.export.formats:
-        print(f"exported {fmt} to {export(run_dir.path, fmt, cfg.export.gguf_quant)}")
-
-
-def base_model(name: str) -> str:
-    """What the trainer loads for model.name: a GGUF file (or the kit's packaged model) as the model folder it
-    is dequantized to, once; a Hub id or folder as it is."""
-    return str(gguf_source.materialize(name)) if gguf_source.is_gguf_source(name) else name
-
-
-def tokenizer_source(cfg: Config, base: str) -> str:
-    """model.tokenizer, else the model's own ('bundled': Llama 3.1's, for a random-weight model)."""
-    return "bundled" if cfg.model.random_shape is not None else (cfg.model.tokenizer or base)
-
-
-def start_run(cfg: Config, devices: int) -> Optional[Path]:
-    """The run directory, created; on resume, the checkpoint to go on from, written by as many processes."""
-    trackers.check(cfg)  # before the run directory changes and the model loads
-    if "gguf" in cfg.export.formats:  # not after an hour of training
-        gguf.check_quantizer(cfg.export.gguf_quant, f"export.gguf_quant={cfg.export.gguf_quant}")
-    resume = rundir.start(cfg)
-    if resume is not None:
-        rundir.check_devices(resume, devices)
-    return resume
-
-
-def launch(cfg: Config, devices: int, argv: list[str], module: str = MODULE) -> None:
-    """--devices N: check once what would stop the N processes, then let torchrun start them."""
-    hub.check_models(cfg)
-    check_machine(cfg, distributed.World(size=devices, local_size=devices))
-    start_run(cfg, devices)  # the run directory, as rank 0 will find it
-    distributed.launch(devices, argv, module)
-
-
-def plan_without_data(cfg: Config, examples: int, devices: int = 1) -> Plan:
-    """--plan --examples N: the step arithmetic, and the GPU memory for the worst case (no data read).
-    A 4-bit model or a memory budget means the plan is for a CUDA GPU."""
-    steps = make_plan(cfg, examples, devices=devices)
-    cuda = cfg.model.load_in_4bit or cfg.model.gpu_memory_gib is not None
-    how = execution(cfg, None, cuda=cuda, card_gib=None, steps=steps.total_steps, devices=devices)
-    return dataclasses.replace(steps, execution=how)
-
-
-def main(argv: list[str] | None = None, prog: str = PROG, recipe: str = DEFAULT_RECIPE,
-         methods: tuple[str, ...] = ("sft", "dpo", "orpo"), doc: str = __doc__, module: str = MODULE) -> int:
-    """The command: `recipe` when --config is not given; `methods`: the train.method values it trains; `module`:
-    the recipe module (python -m `module` runs this command), recorded and started by torchrun."""
-    world = distributed.world()
-    # rank 0 speaks for the run: the other ranks log only errors
-    logging.basicConfig(level=logging.INFO if world.main else logging.ERROR, format="%(levelname)s kit: %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv, prog, recipe, doc)
-    if args.help_config:
-        print(describe())
-        return 0
-    cfg, command = None, [*prog.split(), *argv]
-    try:
-        cfg = load_config(args.config or recipe, args.overrides)
-        if cfg.train.method not in methods:
-            raise ConfigError(f"train.method={cfg.train.method}: {prog} trains {' or '.join(methods)}; set "
-                              f"train.method={methods[0]}, or use python -m kit.recipes.llama31_sft.")
-        devices = args.devices or world.size
-        if world.size > 1 and devices != world.size:
-            raise ConfigError(f"--devices {devices}: this process is one of {world.size} that the launcher started; "
-                              f"pass --devices {world.size} or leave it out.")
-        if args.plan and args.examples is not None:
-            print(plan_without_data(cfg, args.examples, devices).render())
-        elif devices > world.size and not args.plan:
-            # the processes run this module: they are told the recipe this command defaults to
-            launch(cfg, devices, argv if args.config or recipe == DEFAULT_RECIPE else ["--config", recipe, *argv],
-                   module)
-        else:
-            run(cfg, world, plan_only=args.plan, devices=devices, module=module)
-    except KitError as e:
-        return exit_with(e) if world.main else 2  # every rank meets the same problem; rank 0 reports it
-    except KeyboardInterrupt:
-        if cfg is None or args.plan or not world.main:
-            return 130
-        return rundir.interrupted(RunDir(cfg.run_dir), command)
-    except Exception as e:  # a full disk or an unwritable folder while training or saving: the run says failed
-        stopped = rundir.failed(RunDir(cfg.run_dir), e, command) if cfg and world.main and not args.plan else None
-        if stopped is None:
-            raise
-        return exit_with(stopped)
-    finally:
-        distributed.leave(world)
-    return 0
+def main(argv: Optional[list[str]] = None, prog: str = PROG) -> int:
+    return steps.main(argv, prog, recipe=DEFAULT_RECIPE, methods=("sft", "dpo", "orpo"), doc=__doc__, module=MODULE)
 
 
 if __name__ == "__main__":

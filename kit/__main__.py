@@ -1,0 +1,6 @@
+"""python -m kit: the kit command."""
+import sys
+
+from kit.cli import main
+
+sys.exit(main())

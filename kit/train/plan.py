@@ -1,0 +1,191 @@
+"""Step arithmetic of a run, as the guide explains it and as Hugging Face's Trainer counts.
+
+examples / (batch x accumulation x devices) = steps per epoch; 2400 / (8 x 4) = 75, so a run of
+3 epochs saving each epoch writes checkpoint-75, checkpoint-150, checkpoint-225. On 2 devices (DDP) each
+step trains 64 examples: 2400 / 64 = 37.5, and the last, partial step counts, so 38.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kit.config.schema import Config
+from kit.config.train import MAX_STEPS
+from kit.core.errors import ConfigError
+from kit.run.rundir import checkpoint_name
+from kit.train.memory import MemoryChoice, base_model_config, choose, largest_micro_batch
+
+
+@dataclass
+class Execution:
+    """How the steps run on this machine: the kit's answer to the settings left at auto."""
+    sampling: str
+    """transformers' train_sampling_strategy: how examples form micro-batches."""
+    batch: int
+    grad_accum: int
+    """The micro-batch split of each optimizer step: train.per_device_train_batch_size and
+    gradient_accumulation_steps, or a finer split of the same effective batch when only that fits the budget."""
+    padding_free: bool
+    checkpointing: Optional[bool]
+    """None: decided by the GPU's memory when training starts (a plan made without one)."""
+    largest_micro_batch: int
+    """Padded tokens of the largest micro-batch one device trains (the memory peak's driver)."""
+    exact: bool
+    """largest_micro_batch is what the sampler will yield (True) or a worst case (False)."""
+    memory: Optional[MemoryChoice] = None
+    """The GPU memory estimate and budget (None on CPU, or when the model's shape is unknown)."""
+
+    def rows(self) -> list[tuple[str, str]]:
+        batches = f"{self.batch} x {self.grad_accum}, {self.sampling}, " \
+                  f"{'padding-free' if self.padding_free else 'padded'}; largest {self.largest_micro_batch:,} " \
+                  f"tokens{'' if self.exact else ' at most'}"
+        setting = {None: "auto", True: "on", False: "off"}[self.checkpointing]
+        if self.memory is None:
+            return [("micro-batches", batches), ("gradient checkpointing", setting)]
+        return [("micro-batches", batches), ("gradient checkpointing", f"{setting} ({self.memory.reason})"),
+                ("GPU memory", self.memory.render())]
+
+
+@dataclass
+class Plan:
+    examples: int
+    eval_examples: int
+    devices: int
+    effective_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    warmup_steps: int
+    eval_at: list[int] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    max_tokens_per_step: int = 0
+    mean_tokens_per_step: Optional[float] = None
+    execution: Optional[Execution] = None
+    as_one_device: Optional[str] = None
+    """With several devices: the overrides that keep one device's effective batch ("" when none split it evenly)."""
+
+    def render(self) -> str:
+        def few(items):
+            return ", ".join(map(str, items[:6])) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
+        rows = [
+            ("training examples", f"{self.examples:,}"),
+            ("eval examples", f"{self.eval_examples:,}"),
+            ("effective batch", f"{self.effective_batch} (batch x accumulation x {self.devices} device(s))"),
+        ] + ([("as on 1 device", self._as_one_device())] if self.devices > 1 else []) + [
+            ("steps per epoch", f"{self.steps_per_epoch:,}"),
+            ("epochs", f"{self.epochs:g}"),
+            ("total steps", f"{self.total_steps:,}"),
+            ("warmup steps", f"{self.warmup_steps:,}"),
+            ("evaluations at steps", few(self.eval_at) or "none"),
+            ("checkpoints", few(self.checkpoints) or "none"),
+            ("tokens per step", f"at most {self.max_tokens_per_step:,}"
+             + (f", about {self.mean_tokens_per_step:,.0f} with this data" if self.mean_tokens_per_step else "")),
+        ] + (self.execution.rows() if self.execution else [])
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+    def _as_one_device(self) -> str:
+        one = self.effective_batch // self.devices
+        if not self.as_one_device:
+            return f"effective batch {one} does not split evenly over {self.devices} devices"
+        return f"effective batch {one} with {self.as_one_device}"
+
+
+def make_plan(cfg: Config, examples: int, eval_examples: int = 0, devices: int = 1,
+              mean_tokens_per_example: Optional[float] = None, execution: Optional[Execution] = None) -> Plan:
+    t = cfg.train
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * devices
+    batches = math.ceil(examples / (t.per_device_train_batch_size * devices))
+    # Trainer: an epoch's last partial accumulation still makes an optimizer step
+    steps_per_epoch = max(math.ceil(batches / t.gradient_accumulation_steps), 1)
+    if t.max_steps > 0:
+        total = t.max_steps
+        epochs = total / steps_per_epoch
+    else:
+        total = math.ceil(t.num_train_epochs * steps_per_epoch)
+        epochs = t.num_train_epochs
+    if total > MAX_STEPS:  # checked before the schedules below are listed
+        raise ConfigError(f"train: {epochs:g} epochs of {steps_per_epoch:,} steps make {total:,} optimizer steps; the "
+                          f"kit plans at most {MAX_STEPS:,}. Lower train.num_train_epochs or set train.max_steps.")
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(total * (t.warmup_ratio or 0.0))
+    epoch_ends = [min(steps_per_epoch * e, total) for e in range(1, math.ceil(total / steps_per_epoch) + 1)]
+
+    def schedule(strategy: str, every: int) -> list[int]:
+        if strategy == "no":
+            return []
+        if strategy == "epoch":
+            return epoch_ends
+        return list(range(every, total + 1, every))
+
+    eval_at = schedule(t.eval_strategy, t.eval_steps or t.logging_steps) if eval_examples else []
+    save_at = schedule(t.save_strategy, t.save_steps)
+    if t.save_strategy != "no" and (not save_at or save_at[-1] != total):
+        save_at.append(total)  # Trainer also saves when training ends
+    mean_tokens = mean_tokens_per_example * per_step if mean_tokens_per_example else None
+    if cfg.train.packing and mean_tokens:
+        mean_tokens = None  # packed rows are full: the bound is the figure
+    rows = 1 if t.method == "sft" else 2  # a preference pair trains as two rows: prompt + chosen, prompt + rejected
+    return Plan(examples=examples, eval_examples=eval_examples, devices=devices, effective_batch=per_step,
+                steps_per_epoch=steps_per_epoch, total_steps=total, epochs=epochs, warmup_steps=warmup,
+                eval_at=eval_at, checkpoints=[checkpoint_name(s) for s in save_at],
+                max_tokens_per_step=per_step * rows * cfg.model.max_seq_length, mean_tokens_per_step=mean_tokens,
+                execution=execution, as_one_device=as_one_device(cfg, devices) if devices > 1 else None)
+
+
+def as_one_device(cfg: Config, devices: int) -> str:
+    """The overrides that train one device's effective batch on `devices`: fewer accumulation steps first (the
+    batch per pass is what keeps a GPU busy), then a smaller batch; "" when it does not split evenly."""
+    batch, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
+    if (batch * accum) % devices:
+        return ""
+    share = batch * accum // devices
+    new_batch = max(k for k in range(1, batch + 1) if share % k == 0)
+    changes = [("per_device_train_batch_size", new_batch, batch),
+               ("gradient_accumulation_steps", share // new_batch, accum)]
+    return " ".join(f"train.{key}={new}" for key, new, old in changes if new != old)
+
+
+def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib: Optional[float], steps: int,
+              devices: int = 1) -> Execution:
+    """Resolve padding, sampling, checkpointing and the micro-batch split for this machine: the fastest that
+    fits the GPU memory budget. `lengths`: the training examples' token counts (None: a plan without data,
+    sized for the worst case); `card_gib`: the GPU's memory (None: no GPU known).
+
+    Measured (docs/benchmarks.md): padding-free steps pay a host cost per pass (with torch 2.11 Unsloth attends
+    example by example; 2.12's varlen kernel makes that cost smaller), so a step's examples go in as few passes
+    as fit; recompute cost less than more passes under torch 2.11, so checkpointing comes before a finer split.
+    Padded batches are only ever split finer."""
+    t, m = cfg.train, cfg.model
+    pairs = t.method != "sft"  # TRL pads preference pairs (its padding-free DPO is disabled), two rows a pair
+    unsloth_cuda = cuda and m.backend != "hf"
+    padding_free = not pairs and (t.packing or (unsloth_cuda if t.padding_free == "auto" else t.padding_free))
+    sampling = t.train_sampling_strategy
+    if sampling == "auto":  # on CUDA every micro-batch is known in advance; on CPU the guide's random batches
+        sampling = "batch_rebalance" if cuda and not t.packing and not pairs else "random"
+    requested = None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing
+    # the estimate is calibrated on Unsloth's kernels: the hf backend keeps checkpointing unless told otherwise
+    estimable = m.backend != "hf" and (cuda or lengths is None)
+    model = base_model_config(m.name, network=lengths is not None) if estimable else None
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if padding_free and not t.packing and model is not None:
+        splits = [(per_step // k, k) for k in (2**i for i in range(per_step.bit_length())) if per_step % k == 0]
+    else:
+        splits = [(t.per_device_train_batch_size // k, t.gradient_accumulation_steps * k)
+                  for k in (2**i for i in range(t.per_device_train_batch_size.bit_length()))
+                  if t.per_device_train_batch_size % k == 0]
+    for batch, accum in splits:
+        if lengths is None or t.packing:
+            largest, exact = (batch * m.max_seq_length * (2 if pairs else 1)), False
+        else:
+            largest, exact = largest_micro_batch(lengths, sampling=sampling, padding_free=padding_free, batch=batch,
+                                                 grad_accum=accum, devices=devices, steps=steps)
+        if model is None:
+            checkpointing = requested if requested is not None else cuda  # shape unknown: the safe choice
+            return Execution(sampling, batch, accum, padding_free, checkpointing, largest, exact)
+        memory = choose(model, m.gpu_memory_gib or card_gib, requested, load_in_4bit=m.load_in_4bit,
+                        lora_r=cfg.lora.r, targets=cfg.target_modules, optim=t.optim, tokens=largest,
+                        reference=t.method == "dpo")
+        if memory.fits:
+            break
+    return Execution(sampling, batch, accum, padding_free, memory.checkpointing, largest, exact, memory)
