@@ -30,8 +30,8 @@ MEDIAN_ANSWER, SIGMA, CAP = 200, 0.7, 900
 
 def make_pairs(out: Path, rows: int, seed: int = 0) -> dict:
     """TRL's conversational pairs (prompt, chosen, rejected as messages), answers stitched from the sample set."""
-    from kit.data import SAMPLE_FILE
-    from kit.template import load_tokenizer
+    from kit.data.rows import SAMPLE_FILE
+    from kit.models.template import load_tokenizer
     tok = load_tokenizer("bundled")
     sample = [json.loads(line) for line in SAMPLE_FILE.read_text(encoding="utf-8").splitlines()]
     rng = random.Random(seed)
@@ -60,7 +60,7 @@ def prepare(work: Path, rows: int) -> tuple[Path, Path]:
     data = work / "pairs.jsonl"
     if not data.exists():
         print(json.dumps({"data": str(data), **make_pairs(data, rows)}), flush=True)
-    from kit.tiny import build_random_model
+    from kit.models.tiny import build_random_model
     return data, build_random_model("8b", 0, work / "base-8b")
 
 
@@ -76,7 +76,7 @@ def steady(times: list[float], pairs_per_step: int) -> dict:
 
 def run_kit(a, overrides: list[str]) -> dict:
     from kit.recipes.dpo import main
-    from kit.rundir import RunDir, read_manifest, read_metrics
+    from kit.run.rundir import RunDir, read_manifest, read_metrics
     runs = Path(a.work) / "runs"
     rc = main(["--config", "dpo", f"model.name={a.model}", f"data.path={a.data}", f"train.max_steps={a.steps}",
                f"train.per_device_train_batch_size={BATCH}", f"train.gradient_accumulation_steps={ACCUM}",

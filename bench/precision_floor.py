@@ -22,8 +22,8 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kit.template import chat_format
-    from kit.verify import hf_run, prompt_ids
+    from kit.eval.verify import hf_run, prompt_ids
+    from kit.models.template import chat_format
 
     tok = AutoTokenizer.from_pretrained(args.model)
     stop = set(chat_format(tok).stop_ids)

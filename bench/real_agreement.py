@@ -28,7 +28,7 @@ QUESTIONS_EN = ["What is the capital of France?", "Name three primary colors.", 
 
 def prompts(n: int) -> list[str]:
     """The first questions of the kit's Korean sample set (held-out ones among them), then English ones."""
-    from kit.data import SAMPLE_FILE
+    from kit.data.rows import SAMPLE_FILE
     rows = [json.loads(line) for line in SAMPLE_FILE.read_text(encoding="utf-8").splitlines()]
     korean = [r["instruction"] for r in rows[:max(n - len(QUESTIONS_EN), 0)]]
     return (korean + QUESTIONS_EN)[:n]
@@ -60,10 +60,10 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kit.infer import load_adapter_model
-    from kit.rundir import RunDir
-    from kit.template import chat_format
-    from kit.verify import hf_run, prompt_ids, served_answer
+    from kit.eval.infer import load_adapter_model
+    from kit.eval.verify import hf_run, prompt_ids, served_answer
+    from kit.models.template import chat_format
+    from kit.run.rundir import RunDir
 
     questions = prompts(args.prompts)
 
