@@ -7,12 +7,15 @@
 #   make setup-train   .venv from requirements/cpu-train.txt: training, merged16 and f16/bf16/q8_0 GGUF exports
 #   make setup-extras  requirements/cpu-extras.txt into .venv: trackers, lm-eval, llama.cpp (q4_k_m/q5_k_m GGUF)
 #   make setup-serve   .venv-serve from requirements/cpu-serve.txt: vLLM's CPU build, for kit serve
+#   make setup-browser Debian's chromium, its driver and Korean fonts (apt-get, as root) when missing: kit studio's
+#                      browser test drives it
 #   make setup-gpu     a CUDA 13 host: .venv (torch 2.12, Unsloth) and .venv-serve (vLLM 0.26, torch 2.11) from
 #                      requirements/gpu-{train,serve}.txt, every version fixed by their *-lock.txt (extras
 #                      included); demo, serve and setup-extras then keep these
 PY      ?= python3
 VENV    ?= .venv
 SERVE   ?= .venv-serve
+CHROMIUM ?= /usr/bin/chromium
 RUN     ?= runs/demo
 # make demo: the smollm2 recipe for 1 epoch instead of 2, and answers of at most 128 tokens (the longest answer in
 # kit:ko_sample is 119) in one batch, so that setup, training and both evaluations fit in 8 minutes on 2 CPU cores;
@@ -30,12 +33,13 @@ EXTRAS_ENV = $(if $(wildcard $(VENV)/.kit-gpu),$(VENV)/.kit-gpu,$(VENV)/.kit-ext
 EVAL_ENV = $(if $(wildcard $(VENV)/.kit-gpu),$(VENV)/.kit-gpu,$(VENV)/.kit-eval)
 SERVE_ENV = $(if $(wildcard $(SERVE)/.kit-gpu),$(SERVE)/.kit-gpu,$(SERVE)/.kit-ready)
 
-.PHONY: setup setup-train setup-extras setup-serve setup-gpu demo serve test clean
+.PHONY: setup setup-train setup-extras setup-serve setup-browser setup-gpu demo serve test clean
 setup: setup-train setup-extras setup-serve
 setup-train: $(VENV)/.kit-ready
 setup-extras: $(EXTRAS_ENV)
 setup-serve: $(SERVE)/.kit-ready
 setup-gpu: $(VENV)/.kit-gpu $(SERVE)/.kit-gpu
+setup-browser: $(CHROMIUM)
 
 $(VENV)/.kit-ready: requirements/cpu-train.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -64,6 +68,13 @@ $(SERVE)/.kit-ready: requirements/cpu-serve.txt
 	$(INSTALL) $(SERVE) requirements/cpu-serve.txt
 	touch $@
 
+# tests/test_studio.py drives the page in it (Playwright's client from requirements/cpu-extras.txt, no browser
+# download); the fonts draw the Korean sample set in its screenshots
+$(CHROMIUM):
+	@echo "==> Debian's chromium and chromium-driver for kit studio's browser test (apt-get: run as root)"
+	apt-get update
+	apt-get install -y --no-install-recommends chromium chromium-driver fonts-noto-cjk
+
 $(VENV)/.kit-gpu: requirements/gpu-train.txt requirements/gpu-train-lock.txt requirements/tokenizer.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	@echo "==> $(VENV): the CUDA training environment (torch 2.12, Unsloth, TRL, PEFT, bitsandbytes)"
@@ -84,7 +95,7 @@ demo: $(TRAIN_ENV) $(EVAL_ENV)
 serve: $(TRAIN_ENV) $(SERVE_ENV)
 	$(VENV)/bin/python -m kit.cli serve $(RUN)
 
-test: setup
+test: setup setup-browser
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/ruff check kit tests bench
 	$(VENV)/bin/python -m pytest -q -rs tests

@@ -11,6 +11,7 @@
     kit chat --url URL --model NAME [--prompt TEXT]        streaming chat with a served model
     kit adapters load URL RUN_DIR [--name NAME]            load an adapter into a running server
     kit adapters unload URL NAME                           unload one (kit serve --allow-runtime-adapters)
+    kit studio [--runs DIR] [--host H] [--port 7860]       a local web page: runs, watch, plan, compare, export
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from kit.core.errors import KitError, exit_with
 from kit.eval import compare, evaluation, verify
 from kit.export import exporter
 from kit.serve import adapters, chat_client, launcher
+from kit.studio import server as studio
 
 
 def cmd_ask(args) -> int:
@@ -55,12 +57,13 @@ def main(argv=None) -> int:
     launcher.add_arguments(sub.add_parser("serve", help="serve runs with vLLM (base + adapters, or --merged)"))
     chat_client.add_arguments(sub.add_parser("chat", help="chat with a served model (OpenAI API)"))
     adapters.add_arguments(sub.add_parser("adapters", help="load or unload adapters of a running server"))
+    studio.add_arguments(sub.add_parser("studio", help="a local web page to plan, watch, compare and export runs"))
     args = p.parse_args(argv)
     if args.command == "serve":
         args.vllm_options = vllm_options
     commands = {"ask": cmd_ask, "export": exporter.run_cli, "verify": verify.run_cli, "eval": evaluation.run_cli,
                 "compare": compare.run_cli, "serve": launcher.run_cli, "chat": chat_client.run_cli,
-                "adapters": adapters.run_cli}
+                "adapters": adapters.run_cli, "studio": studio.run_cli}
     try:
         return commands[args.command](args)
     except KitError as e:

@@ -15,7 +15,7 @@ from tests.helpers import ROOT
 
 # The kit's packages, lowest first: a module may import its own package and those before it, never one after it.
 LAYERS = ("kit.core", "kit.models", "kit.config", "kit.run", "kit.data", "kit.train", "kit.export", "kit.serve",
-          "kit.eval", "kit.recipes", "kit.cli", "kit.__main__")
+          "kit.eval", "kit.recipes", "kit.studio", "kit.cli", "kit.__main__")
 BEHIND = {"kit.train.model", "kit.train.trainer", "kit.train.callbacks"}  # torch, transformers, TRL, PEFT at their top
 MAIN = "kit.__main__"  # runs the kit command when imported
 HEAVY = ("torch", "transformers", "trl", "peft", "unsloth")

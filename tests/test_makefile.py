@@ -74,3 +74,13 @@ def test_the_installer_shows_a_numbered_line_per_package_and_builds():
         "  Building wheel for llama_cpp_python (pyproject.toml): still running...",
         "  installing them (pip is silent until all 2 are in place) ...",
     ]
+
+
+def test_the_tests_install_the_browser_kit_studio_drives_only_when_it_is_missing(tmp_path):
+    missing = subprocess.run(["make", "-n", "-C", str(ROOT), "test", f"CHROMIUM={tmp_path / 'chromium'}"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "apt-get install -y --no-install-recommends chromium chromium-driver fonts-noto-cjk" in missing
+    (tmp_path / "chromium").touch()
+    present = subprocess.run(["make", "-n", "-C", str(ROOT), "setup-browser", f"CHROMIUM={tmp_path / 'chromium'}"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "apt-get" not in present

@@ -139,11 +139,17 @@ def describe() -> str:
     return "\n".join(lines)
 
 
-def _described(cls, indent: str) -> list[str]:
+def field_docs(cls) -> dict[str, str]:
+    """Each field of a config dataclass with its docstring, on one line (--help-config, kit studio's form)."""
     docs = {}
     body = ast.parse(inspect.getsource(cls)).body[0].body
     for a, b in zip(body, body[1:]):
         if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
             docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _described(cls, indent: str) -> list[str]:
+    docs = field_docs(cls)
     return [f"{indent}{f.name} = {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
             f"\n{indent}    {docs.get(f.name, '')}" for f in dataclasses.fields(cls)]
