@@ -9,7 +9,7 @@ import pytest
 
 from kit.config.load import load_config
 from kit.core.errors import ConfigError, DataError
-from kit.data.preference import prepare_pairs
+from kit.data.preference import load_pairs, prepare_pairs
 from kit.data.rows import PAIRS, PAIRS_FILE, SAMPLE_FILE, load_rows
 
 COMMON = dict(system_prompt=None, max_len=256, overlong="drop")
@@ -111,6 +111,40 @@ def test_shipped_pairs_are_made_by_their_generator_and_differ():
     shipped = [json.loads(line) for line in PAIRS_FILE.read_text(encoding="utf-8").splitlines()]
     assert module.make_pairs(sample) == shipped and len(load_rows(PAIRS)) == len(sample)
     assert all(p["chosen"] == s["output"] and p["rejected"] != p["chosen"] for p, s in zip(shipped, sample))
+
+
+def test_a_mixture_of_pair_files_in_two_formats_is_shared_by_weight_and_holds_out_each(tmp_path, tokenizer):
+    """data.path as a list, as SFT's: LLaMA-Factory's alpaca form beside TRL's conversational prompt form, each
+    read by its own columns, weighted, with its held-out pairs split off before mixing (kept for the accuracy at
+    the end even when the run does not evaluate); every source's bad pairs in one message."""
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+    write("a.jsonl", [{"instruction": f"질문 A{i}", "input": "", "chosen": f"맞음 A{i}", "rejected": f"틀림 A{i}"}
+                      for i in range(20)])
+    write("b.jsonl", [{"prompt": [{"role": "user", "content": f"질문 B{i}"}],
+                       "chosen": [{"role": "assistant", "content": f"맞음 B{i}"}],
+                       "rejected": [{"role": "assistant", "content": f"틀림 B{i}"}]} for i in range(10)])
+    mix = [f"data.path=[{{path: {tmp_path}/a.jsonl}}, {{path: {tmp_path}/b.jsonl, weight: 3}}]", "data.eval_ratio=0.1",
+           "train.eval_strategy=no"]
+    data = load_pairs(load_config("dpo_demo", mix), tokenizer)
+    assert [(s.examples, s.used, s.eval_examples) for s in data.mixture] == [(18, 7, 2), (9, 20, 1)]
+    questions = [r["question"] for r in data.train.dataset]
+    assert sum(q.startswith("질문 A") for q in questions) == 7 and sum(q.startswith("질문 B") for q in questions) == 20
+    held = {r["question"] for r in data.eval.dataset}
+    assert len(held) == 3 and not held & set(questions)  # no held-out pair is trained on
+    for r in data.train.dataset:  # both forms render alike: the question's turn, then each answer and its end
+        side = r["question"][3]
+        assert r["prompt"].endswith("assistant<|end_header_id|>\n\n") and r["question"] in r["prompt"]
+        assert r["chosen"] == f"맞음 {side}{r['question'][4:]}<|eot_id|>"
+
+    for name in ("c.jsonl", "d.jsonl"):
+        write(name, [{"prompt": "질문", "chosen": "같음", "rejected": "같음"}] * 3)
+    bad = [f"data.path=[{tmp_path}/c.jsonl, {tmp_path}/b.jsonl, {tmp_path}/d.jsonl]", "data.eval_ratio=0",
+           "train.eval_strategy=no"]
+    with pytest.raises(DataError) as e:
+        load_pairs(load_config("dpo_demo", bad), tokenizer)
+    assert str(e.value).count("line 1: chosen equals rejected") == 2 and "data.path[2]" in str(e.value)
 
 
 def test_method_settings_are_validated():

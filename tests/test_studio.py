@@ -198,7 +198,6 @@ def test_a_half_written_run_is_shown_damaged_with_what_to_do(studio, capsys):
 
 def test_each_status_is_read_from_the_run_directory(tmp_path):
     from kit.run.rundir import RunDir, claim
-
     from kit.studio.kitapi import summary
     training = {"status": "training", "model_name": "random:tiny", "plan": {"total_steps": 6}}
     runs = {"planned": None, "training": training, "failed": training, "resumable": {**training,

@@ -56,9 +56,6 @@ def _combination_issues(cfg: Config) -> Iterator[Issue]:
                     f"than model.max_seq_length={cfg.model.max_seq_length}, the longest sequence the run trains on; "
                     f"each evaluation would wait on answers that long. Use at most {cfg.model.max_seq_length} (the "
                     "default 64 shows the start of each answer).")
-    if t.method != "sft" and d.mixture:
-        yield Issue("data.path", f"train.method={t.method}: a mixture of preference datasets is not supported yet; "
-                    "give data.path one dataset (a file, folder or Hub id).")
     if t.method != "sft" and t.packing:
         yield Issue("train.packing", f"train.packing=true with train.method={t.method}: preference pairs are not "
                     "packed; set train.packing=false.")

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -232,7 +233,13 @@ def load_data(cfg: Config, tokenizer) -> TrainingData:
     d = cfg.data
     common = dict(system_prompt=d.system_prompt, max_len=cfg.model.max_seq_length,
                   responses_only=d.train_on_responses_only, overlong=d.overlong)
-    data = _mixture(cfg, tokenizer, common) if d.mixture else _one_dataset(cfg, tokenizer, common)
+    if d.mixture:
+        def one_source(rows, source: str, s: Optional[DataSource], fields_key: str) -> Prepared:
+            fmt, fields = (s.format, s.fields) if s else (d.format, d.fields)
+            return prepare(rows, tokenizer, source=source, fmt=fmt, fields=fields, fields_key=fields_key, **common)
+        data = mixture(cfg, one_source)
+    else:
+        data = _one_dataset(cfg, tokenizer, common)
     for name, p in (("train", data.train), ("eval", data.eval)):
         if p is None:
             continue
@@ -258,11 +265,11 @@ def load_data(cfg: Config, tokenizer) -> TrainingData:
     return data
 
 
-def _splits_eval(cfg: Config) -> bool:
+def _splits_eval(cfg: Config, held_out: bool = False) -> bool:
     """Evaluation rows are split off the training rows: no eval file or split is given, a ratio is, and the run
-    evaluates."""
+    evaluates (or, with `held_out`, scores a held-out set once at the end)."""
     d = cfg.data
-    return not (d.eval_path or d.eval_split) and d.eval_ratio > 0 and cfg.train.eval_strategy != "no"
+    return not (d.eval_path or d.eval_split) and d.eval_ratio > 0 and (held_out or cfg.train.eval_strategy != "no")
 
 
 def train_and_eval_rows(cfg: Config, held_out: bool = False):
@@ -273,7 +280,7 @@ def train_and_eval_rows(cfg: Config, held_out: bool = False):
     rows = load_rows(d.path, d.split, d.subset, d.revision)
     if d.eval_path or d.eval_split:
         eval_rows = load_rows(d.eval_path or d.path, d.eval_split or "train", d.subset, d.revision)
-    elif _splits_eval(cfg) or (held_out and d.eval_ratio > 0):
+    elif _splits_eval(cfg, held_out):
         rows, eval_rows = split_eval(rows, d.eval_ratio, cfg.train.seed, d.path)
     else:
         eval_rows = None
@@ -291,12 +298,18 @@ def _one_dataset(cfg: Config, tokenizer, common: dict) -> TrainingData:
         eval=prepare(eval_rows, tokenizer, source=d.eval_path or f"{d.path} (eval)", **common) if eval_rows else None)
 
 
-def _mixture(cfg: Config, tokenizer, common: dict) -> TrainingData:
-    """Each source read, split and tokenized with its own format and column map, then mixed by its share.
-    Its eval rows are held out before mixing, so that no repeated example is also an eval example."""
+PrepareSource = Callable[["Dataset", str, Optional["DataSource"], str], Prepared]
+"""(rows, the source's name in messages, its entry of data.path (None: the data section's own settings), the key
+its column map is named by) -> the rows prepared for the method: SFT's tokenized examples, or preference pairs."""
+
+
+def mixture(cfg: Config, prepare_source: PrepareSource, held_out: bool = False) -> TrainingData:
+    """Each source of data.path read, split and prepared with its own format and column map, then mixed by its
+    share. Its eval rows are held out before mixing, so that no repeated example is also an eval example; with
+    `held_out`, data.eval_ratio splits them even when the run does not evaluate. Every source's problems at once."""
     d, seed = cfg.data, cfg.train.seed
-    split_off = _splits_eval(cfg)
-    names, trains, evals = [], [], []
+    split_off = _splits_eval(cfg, held_out)
+    names, trains, evals, problems = [], [], [], []
     for i, s in enumerate(d.sources):
         name = f"data.path[{i}] {s.path}"
         rows, eval_rows = load_rows(s.path, s.split, s.subset, s.revision), None
@@ -304,10 +317,18 @@ def _mixture(cfg: Config, tokenizer, common: dict) -> TrainingData:
             eval_rows = load_rows(s.path, d.eval_split, s.subset, s.revision)
         elif split_off:
             rows, eval_rows = split_eval(rows, d.eval_ratio, seed, name)
-        own = dict(common, fmt=s.format, fields=s.fields, fields_key=f"data.path[{i}].fields")
+        try:
+            train = prepare_source(rows, name, s, f"data.path[{i}].fields")
+            held = prepare_source(eval_rows, f"{name} (eval)", s, f"data.path[{i}].fields") \
+                if eval_rows is not None else None
+        except DataError as e:
+            problems.append(str(e))
+            continue
         names.append(name)
-        trains.append(prepare(rows, tokenizer, source=name, **own))
-        evals.append(prepare(eval_rows, tokenizer, source=f"{name} (eval)", **own) if eval_rows is not None else None)
+        trains.append(train)
+        evals.append(held)
+    if problems:
+        raise DataError("\n".join(problems))
     counts = mixture_counts([len(p.dataset) for p in trains], mixture_shares(d.sources), d.max_examples)
     for name, n in zip(names, counts):
         if n == 0:
@@ -316,7 +337,7 @@ def _mixture(cfg: Config, tokenizer, common: dict) -> TrainingData:
                         "it out of data.path.")
     if d.eval_path:
         eval_rows = load_rows(d.eval_path, d.eval_split or "train", d.subset, d.revision)
-        eval_data = prepare(eval_rows, tokenizer, source=d.eval_path, fmt=d.format, fields=d.fields, **common)
+        eval_data = prepare_source(eval_rows, d.eval_path, None, "data.fields")
     else:
         held = [p for p in evals if p is not None]
         eval_data = _mix(held, [len(p.dataset) for p in held], seed) if held else None
@@ -361,14 +382,19 @@ def _mix(parts: list[Prepared], counts: list[int], seed: int) -> Prepared:
     mixed = datasets.concatenate_datasets([p.dataset.select(idx) for p, idx in zip(parts, picks)])
     mixed = mixed.shuffle(seed=seed)
     chosen = json.dumps([seed, [[p.fingerprint, idx] for p, idx in zip(parts, picks)]])
-    lengths = [len(ids) for ids in mixed["input_ids"]]
+    if "tokens" in mixed.column_names:  # preference pairs: what each costs (kit.data.preference), all of it trained
+        lengths = list(mixed["tokens"])
+        trained = sum(lengths)
+    else:
+        lengths = [len(ids) for ids in mixed["input_ids"]]
+        trained = sum(sum(1 for x in labels if x != -100) for labels in mixed["labels"])
     return Prepared(
         dataset=mixed, fingerprint=hashlib.sha256(chosen.encode()).hexdigest()[:16],
         truncated=sum(p.truncated for p in parts), dropped_overlong=[w for p in parts for w in p.dropped_overlong],
         dropped_masked=[w for p in parts for w in p.dropped_masked],
         control_text=[w for p in parts for w in p.control_text],
         numbers_as_text=[w for p in parts for w in p.numbers_as_text], mean_tokens=sum(lengths) / len(lengths),
-        trained_tokens=sum(sum(1 for x in labels if x != -100) for labels in mixed["labels"]))
+        trained_tokens=trained)
 
 
 def mixture_table(shares: list[Share]) -> str:

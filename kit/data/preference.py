@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from kit.core.errors import DataError
 from kit.data.heldout import HeldOut
-from kit.data.load import SHAREGPT_ROLES, Prepared, TrainingData, few, train_and_eval_rows
+from kit.data.load import SHAREGPT_ROLES, Prepared, TrainingData, few, mixture, train_and_eval_rows
 from kit.data.rows import WHERE
 from kit.models.template import chat_format, render
 
@@ -193,10 +193,27 @@ def prepare_pairs(ds, tokenizer, *, system_prompt: Optional[str], max_len: int, 
 def load_pairs(cfg: Config, tokenizer) -> TrainingData:
     """The train and eval pairs as the config asks (kit.data.load_data's counterpart for DPO and ORPO)."""
     d = cfg.data
-    if d.mixture:  # refused by the config's validation too
-        raise DataError("data.path: mixtures of preference datasets are not supported yet; give one dataset.")
-    rows, eval_rows = train_and_eval_rows(cfg, held_out=True)  # the held-out accuracy is scored at the end
     common = dict(system_prompt=d.system_prompt, max_len=cfg.model.max_seq_length, overlong=d.overlong)
+    if d.mixture:  # each source's format is read off its columns; the held-out accuracy is scored at the end
+        data = mixture(cfg, lambda rows, source, *_: prepare_pairs(rows, tokenizer, source=source, **common),
+                       held_out=True)
+    else:
+        data = _one_dataset(cfg, tokenizer, common)
+    for name, p in (("train", data.train), ("eval", data.eval)):
+        if p is None:
+            continue
+        if p.dropped_overlong:
+            log.warning(f"{name}: dropped {len(p.dropped_overlong)} pair(s) longer than model.max_seq_length="
+                        f"{cfg.model.max_seq_length}: {few(p.dropped_overlong)}")
+        if p.truncated:
+            log.warning(f"{name}: {p.truncated} pair(s) longer than model.max_seq_length={cfg.model.max_seq_length} "
+                        "are cut at the end of their answers (data.overlong=drop drops them instead).")
+    return data
+
+
+def _one_dataset(cfg: Config, tokenizer, common: dict) -> TrainingData:
+    d = cfg.data
+    rows, eval_rows = train_and_eval_rows(cfg, held_out=True)  # the held-out accuracy is scored at the end
     problems, parts = [], []
     for part_rows, source in ((rows, d.path), (eval_rows, d.eval_path or f"{d.path} (eval)")):
         if part_rows is None:
@@ -208,17 +225,7 @@ def load_pairs(cfg: Config, tokenizer) -> TrainingData:
             problems.append(str(e))
     if problems:  # the train split's problems and the eval split's, at once
         raise DataError("\n".join(problems))
-    train, held = parts
-    for name, p in (("train", train), ("eval", held)):
-        if p is None:
-            continue
-        if p.dropped_overlong:
-            log.warning(f"{name}: dropped {len(p.dropped_overlong)} pair(s) longer than model.max_seq_length="
-                        f"{cfg.model.max_seq_length}: {few(p.dropped_overlong)}")
-        if p.truncated:
-            log.warning(f"{name}: {p.truncated} pair(s) longer than model.max_seq_length={cfg.model.max_seq_length} "
-                        "are cut at the end of their answers (data.overlong=drop drops them instead).")
-    return TrainingData(train=train, eval=held)
+    return TrainingData(train=parts[0], eval=parts[1])
 
 
 def held_out_pairs(dataset, tokenizer, limit: Optional[int] = None) -> list[HeldOut]:
