@@ -95,6 +95,11 @@ demo: $(TRAIN_ENV) $(EVAL_ENV)
 serve: $(TRAIN_ENV) $(SERVE_ENV)
 	$(VENV)/bin/python -m kit.cli serve $(RUN)
 
+# make test: the two environments and the browser are set up side by side (the training one's llama.cpp build
+# keeps both cores busy; the other downloads and unpacks meanwhile)
+ifeq ($(MAKECMDGOALS),test)
+MAKEFLAGS += -j3
+endif
 test: setup setup-browser
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/ruff check kit tests bench

@@ -2,7 +2,8 @@
 ChatML, tied embeddings, head_dim 64, a 49,152-token vocabulary; trained once per session, tests/conftest.py),
 served by vLLM's CPU build through the command line as users run it, as base + adapter and as its merged export,
 each checked by kit verify --url against base + adapter. Two vLLM starts (minutes each on CPU), one per form; each
-server is stopped when its test ends, passed or not. Llama 3.1's: tests/test_serve.py, tests/test_serve_merged.py.
+server is stopped as docker stop does when its test ends (kit serve then exits 0), passed or not. Llama 3.1's
+adapter: tests/test_serve.py; the merged export in transformers: tests/test_export.py.
 First, without a server: the chat format and stop tokens the preflight reads off a run's saved tokenizer."""
 import contextlib
 import json
@@ -115,6 +116,7 @@ def _serving(run_dir: Path, *options: str):
         while _answers(url) and time.time() < deadline:
             time.sleep(1)
     assert not _answers(url), f"vLLM still answers at {url} after kit serve ended"
+    assert cli.returncode == 0, f"kit serve {' '.join(options)} ended with {cli.returncode} on SIGTERM (docker stop)"
 
 
 def _verify(run_dir: Path, url: str, model: str) -> tuple[subprocess.CompletedProcess, dict[str, list[str]]]:
