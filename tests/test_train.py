@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import DEMO, run_recipe, train_rows
+from tests.helpers import DEMO, run_recipe, run_recipe_killed_after, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -140,17 +140,9 @@ def test_resume_after_sigkill_continues_to_same_step_and_loss(tmp_path):
     runs = tmp_path / "runs"
     common = ["--config", DEMO, f"run.output_dir={runs}", *SHORT]
     run_recipe([*common, "run.name=ref"], cwd=tmp_path)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "kit.recipes.llama31_sft", *common, "run.name=killed"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = runs / "killed/checkpoints/checkpoint-8/kit-complete"
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run should have reached checkpoint-8 before being killed"
-    assert not (runs / "killed/adapter").exists()
+    run_recipe_killed_after(8, [*common, "run.name=killed"], cwd=tmp_path)
+    assert (runs / "killed/checkpoints/checkpoint-8/kit-complete").exists()
+    assert not (runs / "killed/checkpoints/checkpoint-12").exists() and not (runs / "killed/adapter").exists()
     res = run_recipe([*common, "run.name=killed", "train.resume_from_checkpoint=auto"], cwd=tmp_path)
     assert "resuming from" in res.stderr
     ref = {m["step"]: m["loss"] for m in _metrics(runs / "ref") if "loss" in m}
