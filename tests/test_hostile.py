@@ -364,6 +364,21 @@ def test_run_left_before_training_started_is_used_again_and_a_users_folder_is_no
     assert (run / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_moves_the_old_run_aside_whole(tmp_path):
+    run = tmp_path / "runs" / "demo"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"trained")
+    (run / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already exists"):
+        _start(tmp_path)
+    assert _start(tmp_path, "run.overwrite=true") is None
+    aside = [p for p in run.parent.iterdir() if p != run]
+    assert len(aside) == 1 and aside[0].name.startswith("demo.replaced-"), aside
+    assert (aside[0] / "adapter" / "adapter_model.safetensors").read_bytes() == b"trained"
+    assert (aside[0] / "manifest.json").read_text() == "{}"
+    assert [p.name for p in run.iterdir()] == [rundir.LOCK], "the new run starts in an empty directory"
+
+
 @pytest.mark.parametrize("resume, expected", [
     ("auto", "holds no complete checkpoint"),
     ("/no/such/checkpoint", "not a checkpoint folder"),
