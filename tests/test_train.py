@@ -1,6 +1,7 @@
 """End-to-end training through the real recipe on CPU: Unsloth's CPU fallback and the HF backend."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +37,12 @@ def test_demo_run_directory_is_complete(demo_run):
     template = tok_cfg.get("chat_template") or (run_dir / "adapter/chat_template.jinja").read_text()
     assert "<|start_header_id|>" in template
     assert "kit: training finished" in res.stdout and "best eval loss" in res.stdout
+    # the summary and the manifest name what computed attention and the loss (Unsloth's CPU path, TRL's loss head)
+    result = manifest["result"]
+    assert (result["attention"], result["loss_kernel"]) == ("PyTorch SDPA (Unsloth's CPU path)",
+                                                            "TRL's chunked fused LM head (no full logits)")
+    assert re.search(rf"^ +attention +{re.escape(result['attention'])}$", res.stdout, re.MULTILINE), res.stdout
+    assert re.search(rf"^ +loss +{re.escape(result['loss_kernel'])}$", res.stdout, re.MULTILINE), res.stdout
 
 
 def test_demo_loss_falls(demo_run):
