@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +34,32 @@ def run_recipe(args, cwd, timeout=1200, check=True):
                          capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"recipe failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+# The recipe, killed (SIGKILL, by itself) right after checkpoint-STEP is marked complete: where a kill between two
+# checkpoints lands, at the same point on a fast machine or a slow one, as no kill timed from outside does.
+_KILLED_AFTER = """
+import os, signal, sys
+from kit.train.callbacks import MarkComplete
+mark = MarkComplete.on_save
+def on_save(self, args, state, control, **kwargs):
+    mark(self, args, state, control, **kwargs)
+    if state.global_step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+MarkComplete.on_save = on_save
+from kit.recipes.llama31_sft import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_recipe_killed_after(step: int, args, cwd):
+    """Run the recipe until checkpoint-`step` is complete, then SIGKILL it; returns CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    res = subprocess.run([sys.executable, "-c", _KILLED_AFTER.format(step=step), *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    if res.returncode != -signal.SIGKILL:
+        raise AssertionError(f"recipe not killed after checkpoint-{step} ({res.returncode}):\n{res.stderr[-5000:]}")
     return res
 
 

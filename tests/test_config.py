@@ -243,3 +243,19 @@ def test_trackers_but_tensorboard_reach_sft_config_report_to_by_name():
         how = execution(cfg, None, cuda=False, card_gib=None, steps=9)
         args = sft_config(cfg, backend, RunDir(ROOT / "runs" / "unused"), how)
         assert args.report_to == expected and args.run_name == "tracked", report_to
+
+
+def test_help_config_lists_every_setting_with_its_default():
+    res = subprocess.run([sys.executable, "-m", "kit.recipes.llama31_sft", "--help-config"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    listed, section = set(), None
+    for line in res.stdout.splitlines():
+        if re.fullmatch(r"\w+:", line):
+            section = line[:-1]
+        elif found := re.fullmatch(r"  (\w+) = (.*)", line):  # a section's own key (a mixture entry's: deeper)
+            listed.add((section, found[1], found[2]))
+    defaults = Config()
+    expected = {(s.name, f.name, repr(getattr(getattr(defaults, s.name), f.name)))
+                for s in dataclasses.fields(Config) for f in dataclasses.fields(getattr(defaults, s.name))}
+    assert listed == expected

@@ -155,6 +155,28 @@ def test_base_and_merged_together_are_refused_with_what_each_means(adapter_run):
     assert "--base and --merged name two different models" in res.stderr and "Give one of them" in res.stderr
 
 
+def test_eval_refuses_data_that_changed_since_training(adapter_run, tmp_path):
+    """The README's promise: the held-out split is made again from the run's data, so data that changed since
+    training (its fingerprint) is refused before any model loads."""
+    from kit.config.load import load_config, to_yaml
+    from kit.data.load import load_data
+    from kit.data.rows import SAMPLE_FILE
+    from kit.models.template import load_tokenizer
+    from kit.run.rundir import RunDir
+    data = tmp_path / "data.jsonl"
+    data.write_text(SAMPLE_FILE.read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = load_config("demo", [f"data.path={data}"])
+    (adapter_run / "config.yaml").write_text(to_yaml(cfg))
+    trained = load_data(cfg, load_tokenizer("bundled")).train.fingerprint
+    (adapter_run / "manifest.json").write_text(json.dumps({"dataset": {"fingerprint": trained}}))
+    assert evaluation.write_task(RunDir(adapter_run), str(adapter_run / "adapter"), 16).is_file(), "the data trained"
+    data.write_text(data.read_text(encoding="utf-8").replace('"output": "', '"output": "답: '), encoding="utf-8")
+    res = _kit_eval(adapter_run, cwd=adapter_run)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"kit_heldout: the data of {adapter_run / 'config.yaml'} is not what the run trained on (fingerprint " \
+           in res.stderr and f"the manifest says {trained}" in res.stderr
+
+
 # The done-when of issue 25's "quality, measured": on a real model (the shipped smollm2 recipe, trained once per
 # session), the held-out split's ROUGE-L of the fine-tune is at least 10 points above the base model's.
 

@@ -17,7 +17,8 @@ from kit.models.template import chat_format
 from tests.helpers import decided_tokens, question, top1_margin, train_rows
 
 pytestmark = pytest.mark.slow
-TOLERANCE = {"merged16": 0.25, "gguf-f16": 0.5, "gguf-bf16": 1.0, "gguf-q8_0": 1.0}  # max |logit difference|
+TOLERANCE = {"merged16": 0.25, "gguf-f16": 0.5, "gguf-bf16": 1.0, "gguf-q8_0": 1.0,  # max |logit difference|
+             "gguf-q4_k_m": 6.0}
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +126,21 @@ def test_bf16_gguf_matches_transformers_on_trained_questions(exported, reference
     assert any(want and want[-1] in STOP_TOKEN_IDS for want, _ in pairs), "a whole trained answer was compared"
 
 
-def test_q8_0_agrees_on_first_tokens_and_q4_k_m_generates(exported, reference, prompts):
+def test_q8_0_agrees_on_first_tokens_and_q4_k_m_stays_near_the_trained_logits(exported, reference, prompts):
     for want, got in _greedy_pairs(_gguf(exported, "gguf-q8_0", logits_all=True), reference, prompts,
                                    TOLERANCE["gguf-q8_0"]):
         assert got[:3] == want[:3]
-    tok = reference[1]
-    ids = prompt_ids(tok, prompts[0])
-    got, _ = gguf_run(_gguf(exported, "gguf-q4_k_m"), ids, 16, ids, chat_format(tok).stop_ids)
-    assert got and all(0 <= t < 128256 for t in got)
+    # 4-bit rounding moves logits by up to ~5 here; an export that lost the adapter (or the weights) moves them by
+    # its effect, ~23: the bound tells those apart, and the tokens decided beyond it must agree
+    ref_model, tok = reference
+    llm, tol = _gguf(exported, "gguf-q4_k_m", logits_all=True), TOLERANCE["gguf-q4_k_m"]
+    for p in prompts:
+        ids = prompt_ids(tok, p)
+        cont, logits = hf_run(ref_model, ids, 48, stops=chat_format(tok).stop_ids, pad=tok.pad_token_id)
+        got, lg = gguf_run(llm, ids, 48, ids + cont, chat_format(tok).stop_ids)
+        assert float(np.abs(lg - logits).max()) < tol, p
+        n = decided_tokens(logits, len(ids), cont, tol)
+        assert got[:n] == cont[:n], p
 
 
 def test_verify_cli_reports_agreement(exported, prompts):

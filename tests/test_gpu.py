@@ -1,5 +1,8 @@
 """CUDA-only paths: 4-bit QLoRA through both backends, 8-bit and paged optimizers, fp16 with loss
-scaling. Skipped without a GPU; run on the H100 through the device tool (docs/benchmarks.md)."""
+scaling. Skipped without a GPU; run on the H100 through the device tool (docs/benchmarks.md).
+bitsandbytes' CPU backend (0.50) does carry NF4 + LoRA training and the paged 8-bit AdamW: that smoke test runs in
+CI (tests/test_qlora_cpu.py). What stays here: the recipe end to end (it refuses model.load_in_4bit and 8-bit
+optimizers on CPU), Unsloth's 4-bit path, and fp16."""
 import json
 
 import pytest

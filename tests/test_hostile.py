@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from kit.data.rows import WHERE, load_rows
 from kit.models import hub
 from kit.run import rundir
 from kit.serve import preflight
-from tests.helpers import ASSETS, DEMO, edit_adapter_config, run_recipe
+from tests.helpers import ASSETS, DEMO, edit_adapter_config, run_recipe, run_recipe_killed_after
 
 EOT, START_HEADER = 128009, 128006
 
@@ -365,6 +364,21 @@ def test_run_left_before_training_started_is_used_again_and_a_users_folder_is_no
     assert (run / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_moves_the_old_run_aside_whole(tmp_path):
+    run = tmp_path / "runs" / "demo"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"trained")
+    (run / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already exists"):
+        _start(tmp_path)
+    assert _start(tmp_path, "run.overwrite=true") is None
+    aside = [p for p in run.parent.iterdir() if p != run]
+    assert len(aside) == 1 and aside[0].name.startswith("demo.replaced-"), aside
+    assert (aside[0] / "adapter" / "adapter_model.safetensors").read_bytes() == b"trained"
+    assert (aside[0] / "manifest.json").read_text() == "{}"
+    assert [p.name for p in run.iterdir()] == [rundir.LOCK], "the new run starts in an empty directory"
+
+
 @pytest.mark.parametrize("resume, expected", [
     ("auto", "holds no complete checkpoint"),
     ("/no/such/checkpoint", "not a checkpoint folder"),
@@ -639,15 +653,8 @@ def killed_and_resumed(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("resume")
     common = ["--config", DEMO, f"run.output_dir={cwd / 'runs'}", "run.name=r", *STEPS]
     run = cwd / "runs" / "r"
-    proc = subprocess.Popen([sys.executable, "-m", "kit.recipes.llama31_sft", *common], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = run / "checkpoints" / "checkpoint-8" / "kit-complete"
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists() and not (run / "adapter").exists(), "killed after checkpoint-8, before the end"
+    run_recipe_killed_after(8, common, cwd=cwd)
+    assert (run / "checkpoints" / "checkpoint-8" / "kit-complete").exists() and not (run / "adapter").exists()
     killed_manifest = json.loads((run / "manifest.json").read_text())
     res = run_recipe([*common, "train.resume_from_checkpoint=auto"], cwd=cwd)
     return run, common, killed_manifest, res

@@ -6,6 +6,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from kit.serve import launcher, preflight
@@ -32,9 +33,10 @@ def client(server):
     return openai.OpenAI(base_url=server[0].url + "/v1", api_key="none")
 
 
-def _answer(client, model, question):
+def _answer(client, model, question, return_token_ids=False):
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                       temperature=0, max_tokens=48)
+                                       temperature=0, max_tokens=48,
+                                       extra_body={"return_token_ids": True} if return_token_ids else None)
     return r.choices[0]
 
 
@@ -54,12 +56,35 @@ def test_adapter_gives_trained_answer_and_base_differs(client, server, demo_run)
     assert base.message.content != row["output"]
 
 
-def test_sixteen_concurrent_requests_succeed(client, demo_run):
+def _alone(client, question):
+    """The server's greedy answer to `question` sent alone: its token ids, how many of them the server decided by
+    more than TIE_NATS (tests/helpers.py's near-tie rule, on the server's own top-2 log-probs: batched with other
+    requests, it may pick either token at a near-tie) and whether that is the whole answer."""
+    from kit.eval.verify import TIE_NATS
+    r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": question}], temperature=0,
+                                       max_tokens=48, logprobs=True, top_logprobs=2,
+                                       extra_body={"return_token_ids": True})
+    choice = r.choices[0]
+    margins = [np.subtract(*sorted((t.logprob for t in p.top_logprobs), reverse=True)[:2])
+               for p in choice.logprobs.content]
+    close = np.flatnonzero(np.array(margins) <= TIE_NATS)
+    n = int(close[0]) if close.size else len(choice.token_ids)
+    return choice, n, not close.size
+
+
+def test_sixteen_concurrent_requests_answer_as_each_alone(client, demo_run):
     rows = train_rows(demo_run[0]).select(range(16))
     questions = [question(r) for r in rows]
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda q: _answer(client, "demo", q), questions))
-    assert len(answers) == 16 and all(a.finish_reason in ("stop", "length") and a.message.content for a in answers)
+        together = list(pool.map(lambda q: _answer(client, "demo", q, return_token_ids=True), questions))
+    whole = 0
+    for q, got in zip(questions, together):
+        alone, n, decided = _alone(client, q)
+        assert got.token_ids[:n] == alone.token_ids[:n], q
+        if decided:  # no near-tie: the same answer, ended the same way
+            assert (got.token_ids, got.finish_reason) == (alone.token_ids, alone.finish_reason), q
+            whole += 1
+    assert whole, "an answer decided throughout was compared whole"
 
 
 def test_unknown_model_404_malformed_400_and_still_serving(client, server):

@@ -1,6 +1,7 @@
 """End-to-end training through the real recipe on CPU: Unsloth's CPU fallback and the HF backend."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import DEMO, run_recipe, train_rows
+from tests.helpers import DEMO, run_recipe, run_recipe_killed_after, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +37,12 @@ def test_demo_run_directory_is_complete(demo_run):
     template = tok_cfg.get("chat_template") or (run_dir / "adapter/chat_template.jinja").read_text()
     assert "<|start_header_id|>" in template
     assert "kit: training finished" in res.stdout and "best eval loss" in res.stdout
+    # the summary and the manifest name what computed attention and the loss (Unsloth's CPU path, TRL's loss head)
+    result = manifest["result"]
+    assert (result["attention"], result["loss_kernel"]) == ("PyTorch SDPA (Unsloth's CPU path)",
+                                                            "TRL's chunked fused LM head (no full logits)")
+    assert re.search(rf"^ +attention +{re.escape(result['attention'])}$", res.stdout, re.MULTILINE), res.stdout
+    assert re.search(rf"^ +loss +{re.escape(result['loss_kernel'])}$", res.stdout, re.MULTILINE), res.stdout
 
 
 def test_demo_loss_falls(demo_run):
@@ -140,17 +147,9 @@ def test_resume_after_sigkill_continues_to_same_step_and_loss(tmp_path):
     runs = tmp_path / "runs"
     common = ["--config", DEMO, f"run.output_dir={runs}", *SHORT]
     run_recipe([*common, "run.name=ref"], cwd=tmp_path)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "kit.recipes.llama31_sft", *common, "run.name=killed"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = runs / "killed/checkpoints/checkpoint-8/kit-complete"
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists(), "the run should have reached checkpoint-8 before being killed"
-    assert not (runs / "killed/adapter").exists()
+    run_recipe_killed_after(8, [*common, "run.name=killed"], cwd=tmp_path)
+    assert (runs / "killed/checkpoints/checkpoint-8/kit-complete").exists()
+    assert not (runs / "killed/checkpoints/checkpoint-12").exists() and not (runs / "killed/adapter").exists()
     res = run_recipe([*common, "run.name=killed", "train.resume_from_checkpoint=auto"], cwd=tmp_path)
     assert "resuming from" in res.stderr
     ref = {m["step"]: m["loss"] for m in _metrics(runs / "ref") if "loss" in m}
