@@ -199,16 +199,18 @@ def load_pairs(cfg: Config, tokenizer) -> TrainingData:
                        held_out=True)
     else:
         data = _one_dataset(cfg, tokenizer, common)
-    for name, p in (("train", data.train), ("eval", data.eval)):
-        if p is None:
-            continue
-        if p.dropped_overlong:
-            log.warning(f"{name}: dropped {len(p.dropped_overlong)} pair(s) longer than model.max_seq_length="
-                        f"{cfg.model.max_seq_length}: {few(p.dropped_overlong)}")
-        if p.truncated:
-            log.warning(f"{name}: {p.truncated} pair(s) longer than model.max_seq_length={cfg.model.max_seq_length} "
-                        "are cut at the end of their answers (data.overlong=drop drops them instead).")
+    _warn_overlong("train", data.train, cfg.model.max_seq_length)
+    _warn_overlong("eval", data.eval, cfg.model.max_seq_length)
     return data
+
+
+def _warn_overlong(split: str, pairs: Optional[Prepared], max_len: int) -> None:
+    if pairs is not None and pairs.dropped_overlong:
+        log.warning(f"{split}: dropped {len(pairs.dropped_overlong)} pair(s) longer than model.max_seq_length="
+                    f"{max_len}: {few(pairs.dropped_overlong)}")
+    if pairs is not None and pairs.truncated:
+        log.warning(f"{split}: {pairs.truncated} pair(s) longer than model.max_seq_length={max_len} are cut at the "
+                    "end of their answers (data.overlong=drop drops them instead).")
 
 
 def _one_dataset(cfg: Config, tokenizer, common: dict) -> TrainingData:
