@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from real_agreement import prompts, walk
+from real_agreement import greedy, prompts, tally
 
 
 def main() -> int:
@@ -22,7 +22,6 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kit.eval.verify import hf_run, prompt_ids
     from kit.models.template import chat_format
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -32,21 +31,14 @@ def main() -> int:
     answers = {}
     for dtype in ("bfloat16", "float32"):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, dtype), device_map=device).eval()
-        answers[dtype] = []
-        for q in questions:
-            ids = prompt_ids(tok, q)
-            continuation, logits = hf_run(model, ids, args.max_new_tokens)
-            top2 = torch.tensor(logits[len(ids) - 1:len(ids) - 1 + len(continuation)]).topk(2, dim=-1).values
-            answers[dtype].append((continuation, (top2[:, 0] - top2[:, 1]).tolist()))
+        answers[dtype] = greedy(model, tok, questions, args.max_new_tokens)
     for ref, other in (("float32", "bfloat16"), ("bfloat16", "float32")):
         for tie in args.tie:
-            agreed = parted = identical = 0
-            for (continuation, margins), (got, _) in zip(answers[ref], answers[other]):
-                a, p, same = walk(continuation, margins, got, bool(got) and got[-1] in stop, stop, tie)
-                agreed, parted, identical = agreed + a, parted + p, identical + same
-            print(f"reference {ref}, answers {other}, tie {tie}: decided {agreed + parted}, parted {parted}, "
-                  f"agreement {agreed / max(agreed + parted, 1):.4f}, identical {identical}/{len(questions)}",
-                  flush=True)
+            got = [(tokens, bool(tokens) and tokens[-1] in stop) for tokens, _ in answers[other]]
+            t = tally(answers[ref], got, stop, tie)
+            print(f"reference {ref}, answers {other}, tie {tie}: decided {t['decided_tokens']}, parted "
+                  f"{t['parted_on_decided']}, agreement {t['decided_agreement']:.4f}, identical "
+                  f"{t['identical_answers']}/{t['answers']}", flush=True)
     return 0
 
 

@@ -48,6 +48,32 @@ def walk(continuation: list[int], margins: list[float], got: list[int], stopped:
     return agreed, 0, len(served) == len(continuation)
 
 
+def tally(refs: list[tuple[list[int], list[float]]], answers: list[tuple[list[int], bool]], stop_ids: set,
+          tie: float) -> dict:
+    """Each answer (tokens, stopped) walked along its reference (continuation, margins): the agreement on decided
+    tokens over all of them."""
+    agreed = parted = identical = 0
+    for (tokens, stopped), (continuation, margins) in zip(answers, refs):
+        a, p, same = walk(continuation, margins, tokens, stopped, stop_ids, tie)
+        agreed, parted, identical = agreed + a, parted + p, identical + same
+    return {"decided_agreement": agreed / max(agreed + parted, 1), "decided_tokens": agreed + parted,
+            "parted_on_decided": parted, "identical_answers": identical, "answers": len(answers), "tie_nats": tie}
+
+
+def greedy(model, tok, questions: list[str], max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
+    """Each question's greedy continuation under `model` and the top-1 margin (nats) of each of its tokens."""
+    import torch
+
+    from kit.eval.verify import hf_run, prompt_ids
+    out = []
+    for q in questions:
+        ids = prompt_ids(tok, q)
+        continuation, logits = hf_run(model, ids, max_new_tokens)
+        top2 = torch.tensor(logits[len(ids) - 1:len(ids) - 1 + len(continuation)]).topk(2, dim=-1).values
+        out.append((continuation, (top2[:, 0] - top2[:, 1]).tolist()))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
@@ -61,31 +87,20 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from kit.eval.infer import load_adapter_model
-    from kit.eval.verify import hf_run, prompt_ids, served_answer
+    from kit.eval.verify import served_answer
     from kit.models.template import chat_format
     from kit.run.rundir import RunDir
 
     questions = prompts(args.prompts)
 
-    def greedy(model) -> list[tuple[list[int], list[float]]]:
-        """Each question's greedy continuation and the top-1 margin (nats) of each of its tokens."""
-        out = []
-        for q in questions:
-            ids = prompt_ids(tok, q)
-            continuation, logits = hf_run(model, ids, args.max_new_tokens)
-            rows = torch.tensor(logits[len(ids) - 1:len(ids) - 1 + len(continuation)])
-            top2 = rows.topk(2, dim=-1).values
-            out.append((continuation, (top2[:, 0] - top2[:, 1]).tolist()))
-        return out
-
     model, tok = load_adapter_model(args.run, dtype="bfloat16")
     stop_ids = set(chat_format(tok).stop_ids)
-    references = {"base+adapter": greedy(model)}
+    references = {"base+adapter": greedy(model, tok, questions, args.max_new_tokens)}
     merged = RunDir(args.run).merged16
     if (merged / "config.json").exists():  # the weights a --merged server runs, in transformers
         del model
         model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16, device_map="auto").eval()
-        references["merged16"] = greedy(model)
+        references["merged16"] = greedy(model, tok, questions, args.max_new_tokens)
     results = []
     for pair in os.environ.get("KIT_MATRIX_URLS", "").split():
         label, url = pair.split("=", 1)
@@ -95,14 +110,8 @@ def main() -> int:
             model=name, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=args.max_new_tokens,
             extra_body={"return_token_ids": True}), tok) for q in questions]
         for reference, refs in references.items():
-            agreed = parted = identical = 0
-            for answer, (continuation, margins) in zip(answers, refs):
-                a, p, same = walk(continuation, margins, answer.tokens, answer.stopped, stop_ids, args.tie)
-                agreed, parted, identical = agreed + a, parted + p, identical + same
             results.append({"label": label, "model": name, "reference": reference,
-                            "decided_agreement": agreed / max(agreed + parted, 1), "decided_tokens": agreed + parted,
-                            "parted_on_decided": parted, "identical_answers": identical, "answers": len(questions),
-                            "tie_nats": args.tie})
+                            **tally(refs, [(a.tokens, a.stopped) for a in answers], stop_ids, args.tie)})
             print(json.dumps(results[-1]), flush=True)
     args.out.write_text(json.dumps(results, indent=1))
     return 0
