@@ -397,6 +397,23 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def read_growing_metrics(path: Path) -> tuple[list[dict], Optional[str]]:
+    """metrics.jsonl of a run that may still be writing it (kit studio), and what is wrong with it if anything: a
+    last line still being written is left for the next read; a damaged line is left out and named."""
+    if not Path(path).is_file():
+        return [], None
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
+    rows, problem = [], None
+    for n, line in enumerate(lines[:-1], 1):  # the text after the last newline is not complete yet
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            problem = problem or f"{path}, line {n}: not JSON ({e.msg}); that line is left out"
+    return rows, problem
+
+
 def trim_metrics(path: Path, upto_step: int) -> None:
     if path.exists():
         keep = [m for m in read_metrics(path) if m["step"] <= upto_step]

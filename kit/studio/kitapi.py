@@ -23,7 +23,7 @@ from kit.core.env import API_KEY_ENV, api_key
 from kit.core.errors import ConfigError, KitError
 from kit.recipes.llama31_sft import MODULE as TRAIN_MODULE
 from kit.recipes.steps import plan_without_data
-from kit.run.rundir import ADAPTER_WEIGHTS, COMPLETE, LOCK, RunDir, checkpoint_name, read_manifest
+from kit.run.rundir import ADAPTER_WEIGHTS, COMPLETE, LOCK, RunDir, checkpoint_name, read_growing_metrics, read_manifest
 from kit.serve.launcher import LOOPBACK
 
 CLI_MODULE = "kit.cli"  # python -m kit.cli export ...
@@ -148,24 +148,6 @@ def command_line(argv: list[str]) -> str:
 
 # ---------------------------------------------------------------- runs
 
-def metrics(run: RunDir) -> tuple[list[dict], Optional[str]]:
-    """metrics.jsonl's rows, and what is wrong with it if anything: a last line still being written is left for
-    the next read; a damaged line is named."""
-    if not run.metrics.is_file():
-        return [], None
-    text = run.metrics.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")
-    rows, problem = [], None
-    for n, line in enumerate(lines[:-1], 1):  # the text after the last newline is not complete yet
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            problem = problem or f"{run.metrics}, line {n}: not JSON ({e.msg}); that line is left out"
-    return rows, problem
-
-
 def _in_use(run: RunDir) -> bool:
     """A process trains in the run: it holds the lock that kit.rundir.claim takes."""
     lock = run.path / LOCK
@@ -194,7 +176,7 @@ def summary(run: RunDir) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         return {**out, "status": "damaged", "problem": f"{run.manifest} cannot be read ({e}): the run directory is "
                 "half written. Train it again (run.overwrite=true) or move it out of the runs folder."}
-    rows, out["problem"] = metrics(run)
+    rows, out["problem"] = read_growing_metrics(run.metrics)
     steps = [r["step"] for r in rows if isinstance(r.get("step"), int)]
     evals = [r["eval_loss"] for r in rows if isinstance(r.get("eval_loss"), (int, float))]
     out.update(step=max(steps, default=0), best_eval_loss=min(evals, default=None))

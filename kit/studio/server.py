@@ -118,7 +118,7 @@ class Studio:
 
 def _run_detail(s: Studio, q: dict) -> dict:
     run = s.run_dir(q["name"])
-    rows, problem = kitapi.metrics(run)
+    rows, problem = kitapi.read_growing_metrics(run.metrics)
     return {"summary": kitapi.summary(run), "metrics": rows, "problem": problem, "exports": kitapi.exports(run),
             "evaluation": kitapi.evaluation(run)}
 
