@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from train_speed import PROJECTIONS, stitched
+
 BATCH, ACCUM, BETA, LR, MAX_LENGTH = 4, 2, 0.1, 5e-6, 2048
 MEDIAN_ANSWER, SIGMA, CAP = 200, 0.7, 900
 
@@ -38,10 +39,7 @@ def make_pairs(out: Path, rows: int, seed: int = 0) -> dict:
 
     def answer() -> tuple[str, int]:
         need = int(min(rng.lognormvariate(math.log(MEDIAN_ANSWER), SIGMA), CAP))
-        ids: list[int] = []
-        while len(ids) < need:
-            ids += tok(rng.choice(sample)["output"] + "\n", add_special_tokens=False)["input_ids"]
-        return tok.decode(ids[:need]), need
+        return stitched(tok, sample, rng, need), need
 
     sides = []
     with open(out, "w", encoding="utf-8") as f:

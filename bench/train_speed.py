@@ -34,6 +34,14 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 # ---------------------------------------------------------------- data
 
+def stitched(tok, sample: list[dict], rng: random.Random, need: int) -> str:
+    """An answer of `need` tokens: answers of the sample set, drawn with `rng`, one after another."""
+    ids: list[int] = []
+    while len(ids) < need:
+        ids += tok(rng.choice(sample)["output"] + "\n", add_special_tokens=False)["input_ids"]
+    return tok.decode(ids[:need])
+
+
 def make_data(out: Path, rows: int, seed: int = 0) -> dict:
     """KoAlpaca rows whose rendered length (template included) follows the log-normal mix."""
     from kit.data.rows import SAMPLE_FILE
@@ -49,10 +57,7 @@ def make_data(out: Path, rows: int, seed: int = 0) -> dict:
             target = int(min(max(rng.lognormvariate(math.log(MEDIAN_TOKENS), SIGMA), overhead + 24), CAP))
             q = rng.choice(sample)["instruction"]
             need = max(target - overhead - len(tok(q, add_special_tokens=False)["input_ids"]), 4)
-            ids: list[int] = []
-            while len(ids) < need:
-                ids += tok(rng.choice(sample)["output"] + "\n", add_special_tokens=False)["input_ids"]
-            answer = tok.decode(ids[:need])
+            answer = stitched(tok, sample, rng, need)
             f.write(json.dumps({"instruction": q, "input": "", "output": answer}, ensure_ascii=False) + "\n")
             msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
             lengths.append(len(tok(render(tok, msgs), add_special_tokens=False)["input_ids"]))
