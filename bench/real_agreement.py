@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from serve_matrix import served_models
+
 QUESTIONS_EN = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
                 "Give one synonym for 'happy'.", "What does a CPU do?", "Translate 'good morning' to Spanish.",
                 "What is the boiling point of water in Celsius?", "Who wrote Romeo and Juliet?"]
@@ -65,10 +67,12 @@ def greedy(model, tok, questions: list[str], max_new_tokens: int) -> list[tuple[
     import torch
 
     from kit.eval.verify import hf_run, prompt_ids
+    from kit.models.template import chat_format
+    stops = chat_format(tok).stop_ids  # the answer ends where a server's does: at the end of the turn
     out = []
     for q in questions:
         ids = prompt_ids(tok, q)
-        continuation, logits = hf_run(model, ids, max_new_tokens)
+        continuation, logits = hf_run(model, ids, max_new_tokens, stops, tok.pad_token_id)
         top2 = torch.tensor(logits[len(ids) - 1:len(ids) - 1 + len(continuation)]).topk(2, dim=-1).values
         out.append((continuation, (top2[:, 0] - top2[:, 1]).tolist()))
     return out
@@ -105,7 +109,7 @@ def main() -> int:
     for pair in os.environ.get("KIT_MATRIX_URLS", "").split():
         label, url = pair.split("=", 1)
         client = openai.OpenAI(base_url=url, api_key=os.environ.get("KIT_API_KEY", "none"))
-        name = next(m.id for m in client.models.list().data)
+        name = served_models(url)[0]  # an adapter server's adapter, not its base
         answers = [served_answer(client.chat.completions.create(
             model=name, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=args.max_new_tokens,
             extra_body={"return_token_ids": True}), tok) for q in questions]

@@ -61,9 +61,9 @@ def healthy(v: Variant) -> bool:
         return False
 
 
-def served_models(v: Variant) -> list[str]:
-    """What the server serves, its adapters first (the base last)."""
-    with urllib.request.urlopen(v.url + "/models", timeout=10) as r:
+def served_models(url: str) -> list[str]:
+    """What the server at `url` (ending in /v1) serves, its adapters first (the base last)."""
+    with urllib.request.urlopen(url + "/models", timeout=10) as r:
         models = json.load(r)["data"]
     return [m["id"] for m in models if m.get("parent")] + [m["id"] for m in models if not m.get("parent")]
 
@@ -161,7 +161,7 @@ def main() -> int:
         start_all(variants, args.out, args.run, args.timeout, args.profile)
         up = [v for v in variants if v.healthy_after is not None]
         for v in up:
-            models = served_models(v)
+            models = served_models(v.url)
             model = models[0]
             print(json.dumps({"label": v.label, "healthy_after_s": v.healthy_after, "model": model, "gpu": v.gpu,
                               "env": v.env, "options": v.options}), flush=True)

@@ -93,27 +93,26 @@ def agreement(ref: list[int], got: list[int]) -> float:
     return matched(ref, got) / max(len(ref), 1)
 
 
-def hf_run(model, ids: list[int], max_new: int, ref_seq: list[int] | None = None,
-           stops: Optional[Sequence[int]] = None, pad: Optional[int] = None) -> tuple[list[int], object]:
+def hf_run(model, ids: list[int], max_new: int, stops: Sequence[int], pad: Optional[int],
+           ref_seq: list[int] | None = None) -> tuple[list[int], object]:
     """Greedy continuation (stop token included) and the logits over `ref_seq` (default: prompt + this
     continuation), so that every target's logits are compared on the same tokens. stops, pad: the run's stop ids
-    and pad id (chat_format of its tokenizer); None: the model's generation config's."""
+    and pad id (chat_format of its tokenizer), always given: generate() reads an eos_token_id of None as "no stop"
+    and would write past the end of the turn."""
     import torch
     with torch.no_grad():
         prompt = torch.tensor([ids], device=model.device)
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new,
-                             do_sample=False, eos_token_id=None if stops is None else list(stops), pad_token_id=pad)
+                             do_sample=False, eos_token_id=list(stops), pad_token_id=pad)
         seq = out[0].tolist()
         logits = model(input_ids=torch.tensor([ref_seq or seq], device=model.device)).logits[0].float().cpu().numpy()
     return seq[len(ids):], logits
 
 
-def gguf_run(llm, ids: list[int], max_new: int, ref_seq: list[int],
-             stops: Optional[Sequence[int]] = None) -> tuple[list[int], object]:
-    """llama.cpp's greedy continuation (stop token included; stops: the run's stop ids, None: the GGUF's eos) and
-    its logits over `ref_seq`."""
+def gguf_run(llm, ids: list[int], max_new: int, ref_seq: list[int], stops: Sequence[int]) -> tuple[list[int], object]:
+    """llama.cpp's greedy continuation (stop token included; stops: the run's stop ids) and its logits over
+    `ref_seq`."""
     import numpy as np
-    stops = (llm.token_eos(),) if stops is None else tuple(stops)
     llm.reset()
     got = []
     for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
@@ -152,11 +151,11 @@ def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] =
     refs = []
     for p in prompts:
         ids = prompt_ids(tok, p)
-        refs.append(Reference(ids, *hf_run(ref_model, ids, max_new, stops=stops, pad=pad), stops))
+        refs.append(Reference(ids, *hf_run(ref_model, ids, max_new, stops, pad), stops))
     results = []
     if (run.merged16 / "config.json").is_file():
         m = AutoModelForCausalLM.from_pretrained(run.merged16, dtype=torch.float32, **on_gpu(str(run.merged16))).eval()
-        results.append(_compare("merged16", refs, lambda ids, seq: hf_run(m, ids, max_new, seq, stops, pad)))
+        results.append(_compare("merged16", refs, lambda ids, seq: hf_run(m, ids, max_new, stops, pad, seq)))
         del m  # its memory, before the GGUF files and the server's answers
     for gguf_file in run.gguf_files():
         llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=1024, logits_all=True, verbose=False)
@@ -164,7 +163,7 @@ def verify(run_dir: Path, url: Optional[str] = None, model_name: Optional[str] =
                                 lambda ids, seq, llm=llm: gguf_run(llm, ids, max_new, seq, stops)))
     if url:
         with ref_model.disable_adapter():  # the base alone: what the adapter changes
-            bases = [Reference(r.ids, *hf_run(ref_model, r.ids, max_new, stops=stops, pad=pad), stops) for r in refs]
+            bases = [Reference(r.ids, *hf_run(ref_model, r.ids, max_new, stops, pad), stops) for r in refs]
         results += _server(url, model_name, tok, prompts, refs, bases, max_new)
     return results
 
