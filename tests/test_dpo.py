@@ -188,7 +188,7 @@ def test_plan_counts_the_reference_forward_for_dpo_not_orpo(capsys):
     (d, d_line), (o, o_line) = (memory(f"train.method={m}", "train.gradient_checkpointing=true")
                                 for m in ("dpo", "orpo"))
     assert "+ reference forward 2.1" in d_line and "reference" not in o_line, (d_line, o_line)
-    assert o == round(d - 2.1, 1), (d_line, o_line)
+    assert abs(o - (d - 2.1)) <= 0.1 + 1e-9, (d_line, o_line)  # each figure rounded to 0.1 GiB
     # on an 80 GiB card ORPO's largest micro-batch fits without recompute; DPO's needs checkpointing
     assert "checkpointing off) + loss" in memory("train.method=orpo", "model.gpu_memory_gib=80")[1]
     assert "checkpointing on) + loss" in memory("train.method=dpo", "model.gpu_memory_gib=80")[1]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from kit.config.issue import SEEDS, Issue
+from kit.models.llama import MAX_POSITIONS
 from kit.models.template import CHOICES as CHAT_TEMPLATES
 from kit.models.tiny import SHAPES
 
@@ -58,8 +59,8 @@ def issues(m: ModelConfig) -> Iterator[Issue]:
     if m.chat_template not in CHAT_TEMPLATES:
         yield Issue("model.chat_template", f"model.chat_template='{m.chat_template}': use one of "
                     f"{', '.join(CHAT_TEMPLATES)}.")
-    if not 16 <= m.max_seq_length <= 131072:
-        yield Issue("model.max_seq_length", f"model.max_seq_length={m.max_seq_length}: use 16..131072 "
+    if not 16 <= m.max_seq_length <= MAX_POSITIONS:
+        yield Issue("model.max_seq_length", f"model.max_seq_length={m.max_seq_length}: use 16..{MAX_POSITIONS} "
                     "(the guide: 512-4096 for chat fine-tuning).")
     if m.random_seed not in SEEDS:
         yield Issue("model.random_seed", f"model.random_seed={m.random_seed}: use 0..{SEEDS[-1]}.")

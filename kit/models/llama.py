@@ -9,6 +9,7 @@ BOS_ID, EOT_ID, PAD_ID = 128000, 128009, 128004
 STOP_TOKENS = {EOS: 128001, EOM: 128008, EOT: EOT_ID}  # generation ends at any of them
 STOP_TOKEN_IDS = list(STOP_TOKENS.values())
 VOCAB_SIZE = 128256
+MAX_POSITIONS = 131072  # Llama 3.1's context, in tokens
 # Meta's template writes these dates into every system turn; models were trained with them
 SYSTEM_PREAMBLE = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

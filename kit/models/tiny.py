@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kit.core.io import atomic_dir
-from kit.models.llama import BOS_ID, STOP_TOKEN_IDS, VOCAB_SIZE
+from kit.models.llama import BOS_ID, MAX_POSITIONS, STOP_TOKEN_IDS, VOCAB_SIZE
 from kit.models.template import generation_config, load_tokenizer
 
 SHAPES = {
@@ -27,7 +27,7 @@ HEAD_STD = {"tiny": 0.15}
 def llama31_config(shape: str):
     from transformers import LlamaConfig
     return LlamaConfig(
-        vocab_size=VOCAB_SIZE, max_position_embeddings=131072, rope_theta=500000.0,
+        vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_POSITIONS, rope_theta=500000.0,
         bos_token_id=BOS_ID, eos_token_id=STOP_TOKEN_IDS, tie_word_embeddings=False,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},

@@ -28,8 +28,8 @@ from kit.models.tiny import build_random_model
 from kit.run import rundir
 from kit.run.rundir import RunDir, save_adapter
 from kit.train import distributed, report, trackers
-from kit.train.backend import Backend, activate, check_machine
-from kit.train.plan import Plan, execution, make_plan
+from kit.train.backend import Backend, activate, check_machine, detect_device
+from kit.train.plan import Plan, execution, longest_example, make_plan
 
 if TYPE_CHECKING:
     from kit.train.trainer import Trained
@@ -43,6 +43,9 @@ def parse_args(argv: list[str], prog: str, recipe: str, doc: str) -> argparse.Na
                                     f"(default: {recipe})")
     p.add_argument("--plan", action="store_true", help="print the step plan and exit; loads no model")
     p.add_argument("--examples", type=_count, help="with --plan: assume this many training examples (no data read)")
+    p.add_argument("--max-context", action="store_true",
+                   help="with --plan: the longest example that fits model.gpu_memory_gib (one a micro-batch, "
+                        "checkpointing on); loads no model, reads no data")
     p.add_argument("--devices", type=_count, metavar="N", help="train on N GPUs of this machine, one process each "
                                                                 "(DDP, through torchrun); with --plan: plan for N")
     p.add_argument("--help-config", action="store_true", help="list every setting with its default")
@@ -207,7 +210,12 @@ def main(argv: Optional[list[str]], prog: str, recipe: str, methods: tuple[str, 
         if world.size > 1 and devices != world.size:
             raise ConfigError(f"--devices {devices}: this process is one of {world.size} that the launcher started; "
                               f"pass --devices {world.size} or leave it out.")
-        if args.plan and args.examples is not None:
+        if args.max_context:
+            if not args.plan:
+                raise ConfigError("--max-context is a question for the plan: add --plan.")
+            card = None if cfg.model.gpu_memory_gib else detect_device().memory_gib
+            print(longest_example(cfg, card))
+        elif args.plan and args.examples is not None:
             print(plan_without_data(cfg, args.examples, devices).render())
         elif devices > world.size and not args.plan:
             # the processes run this module: they are told the recipe this command defaults to

@@ -9,8 +9,11 @@ micro-batch):
 - LoRA: each trainable parameter with its gradient and the two AdamW moments, 16 bytes (4 with an 8-bit
   optimizer's moments);
 - activations: without checkpointing 2 * (8h + 2i) bytes a token a layer (the inputs saved for the
-  backward of the attention and MLP projections); with Unsloth's checkpointing 2h (each layer's input;
-  one layer is recomputed at a time);
+  backward of the attention and MLP projections); with Unsloth's checkpointing the layers' inputs wait in CPU
+  memory (its offloaded variant), so the GPU holds one layer's working set while it is recomputed,
+  2 * (8h + 2i) + 15h bytes a token whatever the depth, and 0.25 GiB of buffers besides. The 15h and the
+  0.25 GiB are fitted to the recipe's peaks from 2,499 to 65,536 tokens a micro-batch (docs/benchmarks.md);
+  the depth-free form is what lets a long example fit, where 2h a token a layer would refuse it;
 - the loss: the fused, chunked cross-entropy holds one tile of at most 4,096 rows x 16,384 vocabulary
   columns in fp32, never the full logits;
 - DPO's reference forward (train.method=dpo): TRL runs it after the policy's forward, under no_grad, while the
@@ -35,7 +38,7 @@ from kit.config.model import RANDOM
 from kit.core.errors import KitError
 from kit.models.gguf_source import is_gguf_source, materialize
 from kit.models.hub import base_config
-from kit.models.llama import VOCAB_SIZE, projection_shapes
+from kit.models.llama import MAX_POSITIONS, VOCAB_SIZE, projection_shapes
 from kit.models.tiny import SHAPES
 
 GIB = 2**30
@@ -44,6 +47,8 @@ LLAMA31_8B_NAMES = {"llama-3.1-8b", "llama-3.1-8b-instruct", "meta-llama-3.1-8b"
 RESERVE = 0.15   # of a budget: the caching allocator's unused reserved blocks count against a capped process
 # (an 8 GiB run planned at 7.2 GiB ran out with 7.76 allocated + 0.24 reserved, docs/benchmarks.md)
 LOSS_TILE_ROWS, LOSS_TILE_COLS = 4096, 16384
+RECOMPUTE_HIDDEN_BYTES = 15   # a token, per hidden unit, beside the recomputed layer's working set (fitted)
+RECOMPUTE_BUFFERS_GIB = 0.25  # with checkpointing, whatever the length (fitted)
 LINEAR_4BIT_BYTES = 0.5 + 1 / 64
 LORA_BYTES = {"adamw_torch": 16, "adafactor": 12, "adamw_8bit": 10, "paged_adamw_8bit": 10,
               "paged_adamw_32bit": 16}
@@ -87,11 +92,28 @@ def estimate(model: dict, *, load_in_4bit: bool, lora_r: int, targets: list[str]
     proj = projection_shapes(model)
     weights = weights_gib(model, LINEAR_4BIT_BYTES if load_in_4bit else 2) * GIB
     lora = sum(lora_r * sum(proj[t]) for t in targets) * layers * LORA_BYTES[optim]
-    per_token = (2 * h if checkpointing else 2 * (8 * h + 2 * i)) * layers
+    layer = 2 * (8 * h + 2 * i)  # a token: one layer's inputs saved for its backward
+    if checkpointing:
+        activations = (layer + RECOMPUTE_HIDDEN_BYTES * h) * tokens + RECOMPUTE_BUFFERS_GIB * GIB
+    else:
+        activations = layer * layers * tokens
     loss = min(tokens, LOSS_TILE_ROWS) * min(vocab, LOSS_TILE_COLS) * 4
-    ref = (2 * (8 * h + 2 * i) * tokens + loss) if reference else 0  # one layer at a time, and its own loss tile
-    return MemoryEstimate(weights_gib=weights / GIB, lora_gib=lora / GIB, activations_gib=per_token * tokens / GIB,
+    ref = (layer * tokens + loss) if reference else 0  # one layer at a time, and its own loss tile
+    return MemoryEstimate(weights_gib=weights / GIB, lora_gib=lora / GIB, activations_gib=activations / GIB,
                           loss_gib=loss / GIB, tokens=tokens, checkpointing=checkpointing, reference_gib=ref / GIB)
+
+
+def max_context(model: dict, budget_gib: float, *, pairs: bool, **kw) -> tuple[int, MemoryEstimate]:
+    """The longest example (tokens; a preference pair: each of its two rows) that fits `budget_gib` alone in its
+    micro-batch with checkpointing, capped by the model's positions, and the estimate there; 0 when none fits."""
+    rows = 2 if pairs else 1
+    def at(tokens: int) -> MemoryEstimate:
+        return estimate(model, checkpointing=True, tokens=rows * tokens, **kw)
+    lo, hi = 0, model.get("max_position_embeddings", MAX_POSITIONS)
+    while lo < hi:  # the estimate grows with the tokens
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if at(mid).total_gib <= usable(budget_gib) else (lo, mid - 1)
+    return lo, at(max(lo, 1))
 
 
 @dataclass(frozen=True)
@@ -186,4 +208,5 @@ def base_model_config(name: str, network: bool) -> Optional[dict]:
 
 
 def _shape(shape: str) -> dict:
-    return {**SHAPES[shape], "vocab_size": VOCAB_SIZE, "tie_word_embeddings": False}
+    return {**SHAPES[shape], "vocab_size": VOCAB_SIZE, "tie_word_embeddings": False,
+            "max_position_embeddings": MAX_POSITIONS}

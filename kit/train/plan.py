@@ -14,7 +14,7 @@ from kit.config.schema import Config
 from kit.config.train import MAX_STEPS
 from kit.core.errors import ConfigError
 from kit.run.rundir import checkpoint_name
-from kit.train.memory import MemoryChoice, base_model_config, choose, largest_micro_batch
+from kit.train.memory import MemoryChoice, base_model_config, choose, largest_micro_batch, max_context, usable
 
 
 @dataclass
@@ -189,3 +189,33 @@ def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib
         if memory.fits:
             break
     return Execution(sampling, batch, accum, padding_free, memory.checkpointing, largest, exact, memory)
+
+
+def longest_example(cfg: Config, card_gib: Optional[float]) -> str:
+    """--plan --max-context: how long one example can be at the memory budget (model.gpu_memory_gib, else the card's
+    `card_gib`), alone in its micro-batch with checkpointing, as the estimate of kit.train.memory counts it."""
+    m, t = cfg.model, cfg.train
+    budget = m.gpu_memory_gib or card_gib
+    if budget is None:
+        raise ConfigError("--max-context: no GPU here to size for; set model.gpu_memory_gib to the GiB of the card "
+                          "you will train on (e.g. model.gpu_memory_gib=24).")
+    if m.backend == "hf":
+        raise ConfigError("--max-context: the memory estimate is for the Unsloth backend's kernels; "
+                          "use model.backend=unsloth.")
+    model = base_model_config(m.name, network=True)
+    if model is None:
+        raise ConfigError(f"model.name={m.name}: its config.json cannot be read here, so its memory cannot be "
+                          "estimated; give a model folder, a GGUF file or a Hub id this machine can reach.")
+    tokens, at = max_context(model, budget, pairs=t.method != "sft", load_in_4bit=m.load_in_4bit, lora_r=cfg.lora.r,
+                             targets=cfg.target_modules, optim=t.optim, reference=t.method == "dpo")
+    if tokens == 0:
+        raise ConfigError(f"model.gpu_memory_gib={budget:g}: not even a one-token example fits "
+                          f"({usable(budget):.1f} GiB usable, ~{at.total_gib:.1f} GiB needed); use a larger GPU"
+                          + ("" if m.load_in_4bit else ", model.load_in_4bit=true") + " or a smaller lora.r.")
+    what = "pair (each of its two rows)" if t.method != "sft" else "example"
+    cap = " (the model's context; the memory would allow more)" if tokens == model.get("max_position_embeddings") \
+        else ""
+    return (f"longest {what} at {budget:g} GiB: {tokens:,} tokens{cap}\n"
+            f"  GPU memory  ~{at.render()}; usable {usable(budget):.1f} of {budget:g} GiB\n"
+            f"  train with  model.max_seq_length={tokens} train.per_device_train_batch_size=1 "
+            "train.gradient_checkpointing=true")
