@@ -1,5 +1,6 @@
 """Training speed on one CUDA GPU, side by side in one call: the kit's recipe as shipped, Unsloth called
-directly on full 2,048-token rows, and the HF backend, on one log-normal length mix of Korean
+directly on full 2,048-token rows (with and without its checkpointing), Unsloth in TRL's SFTTrainer with
+padding-free batches of 32 (with and without), and the HF backend, on one log-normal length mix of Korean
 KoAlpaca-format rows. Reports steady-state real tokens/s and peak GPU memory (docs/benchmarks.md).
 
     python bench/train_speed.py table --work /tmp/kitspeed          # the whole table, one subprocess a row
@@ -8,6 +9,7 @@ KoAlpaca-format rows. Reports steady-state real tokens/s and peak GPU memory (do
     python bench/train_speed.py kit --work W --label NAME [key=value ...]   # one recipe run -> one JSON line
     python bench/train_speed.py kit --work W --label two --steps 20 --devices 2 train.gradient_accumulation_steps=2
     python bench/train_speed.py direct --work W [--shape 4x2048 ...] [--no-checkpointing]   # Unsloth called directly
+    python bench/train_speed.py trl --work W [--batch 32] [--no-checkpointing]   # Unsloth in TRL, padding-free
     add --profile N to `kit` or `direct`: torch.profiler over optimizer step N+1, where time went
 
 Steady state = real (non-padding) tokens between the first logged step >= 2 and the last one, over the
@@ -218,6 +220,50 @@ def run_direct(a) -> list[dict]:
     return results
 
 
+# ---------------------------------------------------------------- Unsloth in TRL
+
+def run_trl(a) -> dict:
+    """What an Unsloth user who knows padding-free runs: FastLanguageModel in 4-bit and TRL's SFTTrainer with
+    padding_free=True, --batch rows a step, answers only in the loss, Unsloth's offloaded checkpointing unless
+    --no-checkpointing; the same rows as the kit's (prompt-completion messages)."""
+    import torch
+    from unsloth import FastLanguageModel  # before TRL, as Unsloth asks
+    cuda = torch.cuda.is_available()
+    from datasets import load_dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    model, tok = FastLanguageModel.from_pretrained(model_name=a.model, max_seq_length=a.seq, dtype=torch.bfloat16,
+                                                   load_in_4bit=cuda, use_exact_model_name=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none", target_modules=PROJECTIONS, random_state=42,
+        use_gradient_checkpointing=False if a.no_checkpointing else "unsloth", max_seq_length=a.seq)
+    data = load_dataset("json", data_files=a.data, split="train").map(
+        lambda r: {"prompt": [{"role": "user", "content": r["instruction"]}],
+                   "completion": [{"role": "assistant", "content": r["output"]}]},
+        remove_columns=["instruction", "input", "output"])
+    args = SFTConfig(output_dir=str(Path(a.work) / "peer-out" / a.label), per_device_train_batch_size=a.batch,
+                     gradient_accumulation_steps=1, max_steps=a.steps, learning_rate=2e-4, bf16=cuda,
+                     padding_free=True, max_length=a.seq, logging_steps=1, save_strategy="no", report_to=[],
+                     include_num_input_tokens_seen="non_padding", seed=0, use_cpu=not cuda)
+    marks: list[tuple[float, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    (t0, n0), (t1, n1) = marks[1], marks[-1]  # steady: from the end of step 2
+    return {"label": a.label, "batch": a.batch, "checkpointing": not a.no_checkpointing,
+            "steady_tokens_per_s": round((n1 - n0) / (t1 - t0)),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "losses": [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]}
+
+
 # ---------------------------------------------------------------- the table
 
 def prepare(work: Path, rows: int) -> tuple[Path, Path]:
@@ -249,6 +295,9 @@ TABLE = {  # label: (kind, optimizer steps, extra arguments: recipe overrides fo
     "kit-default": ("kit", 40, []),
     "kit-80gib": ("kit", 40, ["model.gpu_memory_gib=80"]),   # an 80 GB card's budget on a larger one
     "unsloth-direct-full-rows": ("direct", 6, ["--shape", "4x2048"]),  # Unsloth's own rate on full rows
+    "unsloth-direct-no-recompute": ("direct", 6, ["--shape", "4x2048", "8x2048", "--no-checkpointing"]),
+    "unsloth-trl-padding-free": ("trl", 12, ["--no-checkpointing"]),  # batch 32, as the kit's 80 GiB plan
+    "unsloth-trl-padding-free-recompute": ("trl", 12, []),            # the peer of the kit's 24 GiB plan
     "kit-24gib": ("kit", 40, ["model.gpu_memory_gib=24"]),
     "kit-8gib": ("kit", 12, ["model.gpu_memory_gib=8"]),
     "kit-length-grouped-padded": ("kit", 40, ["model.gpu_memory_gib=80", "train.padding_free=false",
@@ -266,17 +315,17 @@ def table(a) -> None:
     for label in a.only or TABLE:
         kind, steps, extra = TABLE[label]
         common = ["--work", str(work), "--label", label, "--model", str(model), "--steps", str(steps)]
-        res = child(work, kind, *common, *(["--data", str(data)] if kind == "kit" else []), *extra)
+        res = child(work, kind, *common, *(["--data", str(data)] if kind in ("kit", "trl") else []), *extra)
         print(json.dumps(res), flush=True)
         rows.append(res)
-    base = next((r.get("steady_tokens_per_s") for r in rows if r["label"].startswith("unsloth-direct")), None)
-    print(f"\n{'run':<26} {'tokens/s steady':>15} {'with warm-up':>12} {'vs direct':>9} {'peak GiB':>9} "
+    base = max((r.get("steady_tokens_per_s") or 0 for r in rows if r["label"].startswith("unsloth")), default=0)
+    print(f"\n{'run':<34} {'tokens/s steady':>15} {'with warm-up':>12} {'vs best Unsloth':>15} {'peak GiB':>9} "
           f"{'estimate':>8}  micro-batches")
     for r in rows:
         steady_rate = r.get("steady_tokens_per_s")
         ratio = f"{steady_rate / base:.2f}x" if steady_rate and base else "-"
         estimate = f"{r['estimate_gib']:.1f}" if r.get("estimate_gib") else "-"
-        print(f"{r['label']:<26} {steady_rate or '-':>15} {r.get('warm_tokens_per_s', '-'):>12} {ratio:>9} "
+        print(f"{r['label']:<34} {steady_rate or '-':>15} {r.get('warm_tokens_per_s', '-'):>12} {ratio:>15} "
               f"{r.get('peak_gib', '-'):>9} {estimate:>8}  {r.get('batches', '')}")
 
 
@@ -286,7 +335,7 @@ def main() -> None:
     d = sub.add_parser("data")
     d.add_argument("out", type=Path)
     d.add_argument("--rows", type=int, default=3000)
-    for name in ("prepare", "kit", "direct", "table"):
+    for name in ("prepare", "kit", "direct", "trl", "table"):
         s = sub.add_parser(name)
         s.add_argument("--rows", type=int, default=1500, help="rows of the length mix")
         s.add_argument("--only", nargs="+", choices=list(TABLE), help="table: these rows only")
@@ -300,6 +349,7 @@ def main() -> None:
         s.add_argument("--ragged", action="store_true", help="direct: rows 60-100%% real, right-padded")
         s.add_argument("--seq", type=int, default=2048)
         s.add_argument("--no-checkpointing", action="store_true")
+        s.add_argument("--batch", type=int, default=32, help="trl: rows a step (padding-free, one pass)")
     a, rest = p.parse_known_args()
     if a.cmd == "data":
         print(json.dumps(make_data(a.out, a.rows)))
@@ -309,6 +359,8 @@ def main() -> None:
         print(json.dumps(run_kit(a, rest)), flush=True)
     elif a.cmd == "direct":
         run_direct(a)
+    elif a.cmd == "trl":
+        print(json.dumps(run_trl(a)), flush=True)
     else:
         table(a)
 
