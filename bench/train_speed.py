@@ -295,7 +295,8 @@ TABLE = {  # label: (kind, optimizer steps, extra arguments: recipe overrides fo
     "kit-default": ("kit", 40, []),
     "kit-80gib": ("kit", 40, ["model.gpu_memory_gib=80"]),   # an 80 GB card's budget on a larger one
     "unsloth-direct-full-rows": ("direct", 6, ["--shape", "4x2048"]),  # Unsloth's own rate on full rows
-    "unsloth-direct-no-recompute": ("direct", 6, ["--shape", "4x2048", "8x2048", "--no-checkpointing"]),
+    "unsloth-direct-b4-no-recompute": ("direct", 6, ["--shape", "4x2048", "--no-checkpointing"]),
+    "unsloth-direct-b8-no-recompute": ("direct", 6, ["--shape", "8x2048", "--no-checkpointing"]),
     "unsloth-trl-padding-free": ("trl", 12, ["--no-checkpointing"]),  # batch 32, as the kit's 80 GiB plan
     "unsloth-trl-padding-free-recompute": ("trl", 12, []),            # the peer of the kit's 24 GiB plan
     "kit-24gib": ("kit", 40, ["model.gpu_memory_gib=24"]),
