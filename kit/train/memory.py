@@ -103,13 +103,18 @@ def estimate(model: dict, *, load_in_4bit: bool, lora_r: int, targets: list[str]
                           loss_gib=loss / GIB, tokens=tokens, checkpointing=checkpointing, reference_gib=ref / GIB)
 
 
+def context_cap(model: dict) -> int:
+    """The longest model.max_seq_length for `model`: its positions, within the kit's limit."""
+    return min(model.get("max_position_embeddings", MAX_POSITIONS), MAX_POSITIONS)
+
+
 def max_context(model: dict, budget_gib: float, *, pairs: bool, **kw) -> tuple[int, MemoryEstimate]:
     """The longest example (tokens; a preference pair: each of its two rows) that fits `budget_gib` alone in its
-    micro-batch with checkpointing, capped by the model's positions, and the estimate there; 0 when none fits."""
+    micro-batch with checkpointing, capped by context_cap(model), and the estimate there; 0 when none fits."""
     rows = 2 if pairs else 1
     def at(tokens: int) -> MemoryEstimate:
         return estimate(model, checkpointing=True, tokens=rows * tokens, **kw)
-    lo, hi = 0, model.get("max_position_embeddings", MAX_POSITIONS)
+    lo, hi = 0, context_cap(model)
     while lo < hi:  # the estimate grows with the tokens
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if at(mid).total_gib <= usable(budget_gib) else (lo, mid - 1)

@@ -14,7 +14,15 @@ from kit.config.schema import Config
 from kit.config.train import MAX_STEPS
 from kit.core.errors import ConfigError
 from kit.run.rundir import checkpoint_name
-from kit.train.memory import MemoryChoice, base_model_config, choose, largest_micro_batch, max_context, usable
+from kit.train.memory import (
+    MemoryChoice,
+    base_model_config,
+    choose,
+    context_cap,
+    largest_micro_batch,
+    max_context,
+    usable,
+)
 
 
 @dataclass
@@ -213,8 +221,7 @@ def longest_example(cfg: Config, card_gib: Optional[float]) -> str:
                           f"({usable(budget):.1f} GiB usable, ~{at.total_gib:.1f} GiB needed); use a larger GPU"
                           + ("" if m.load_in_4bit else ", model.load_in_4bit=true") + " or a smaller lora.r.")
     what = "pair (each of its two rows)" if t.method != "sft" else "example"
-    cap = " (the model's context; the memory would allow more)" if tokens == model.get("max_position_embeddings") \
-        else ""
+    cap = " (the longest model.max_seq_length; the memory would allow more)" if tokens == context_cap(model) else ""
     return (f"longest {what} at {budget:g} GiB: {tokens:,} tokens{cap}\n"
             f"  GPU memory  ~{at.render()}; usable {usable(budget):.1f} of {budget:g} GiB\n"
             f"  train with  model.max_seq_length={tokens} train.per_device_train_batch_size=1 "
