@@ -126,6 +126,8 @@ def test_wrong_types_and_ranges(override, expected):
     (["export.formats=[onnx]"], "use merged16 and/or gguf"),
     (["export.gguf_quant=q3"], "use one of f16, bf16, q8_0"),
     (["train.packing=true", "model.backend=hf"], "would let packed examples attend to each other"),
+    (["train.tiled_mlp=true", "train.gradient_checkpointing=false"], "save memory inside recomputed layers"),
+    (["train.tiled_mlp=true", "model.backend=hf"], "the tiled MLP is Unsloth's"),
 ])
 def test_impossible_combinations(overrides, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
@@ -140,7 +142,8 @@ def test_unservable_lora_allowed_on_explicit_opt_in():
 def test_cuda_only_settings_refused_on_cpu():
     for override, expected in [("train.optim=paged_adamw_8bit", "needs bitsandbytes on a CUDA GPU"),
                                ("train.optim=adamw_8bit", "needs bitsandbytes on a CUDA GPU"),
-                               ("train.packing=true", "packing=true needs a CUDA GPU")]:
+                               ("train.packing=true", "packing=true needs a CUDA GPU"),
+                               ("train.tiled_mlp=true", "tiled_mlp=true needs a CUDA GPU")]:
         cfg = load_config(None, [override, "model.load_in_4bit=false"])
         with pytest.raises(ConfigError, match=expected):
             check_device(cfg, cuda=False, bf16_ok=False)

@@ -29,3 +29,19 @@ def test_qlora_trains_on_gpu(tmp_path, backend, optim, precision, packing):
     assert manifest["precision"] == ("bf16" if precision == "auto" else precision)
     assert manifest["result"]["peak_kind"].startswith("GPU")
     assert (run_dir / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_tiled_mlp_trains_as_the_whole_mlp(tmp_path):
+    # Unsloth's tiled MLP runs each layer's MLP over tiles of hidden-size rows (many here) and recomputes them in
+    # backward: the same sums in another order, so the same losses step by step
+    losses = {}
+    for tiled in ("false", "true"):
+        run_recipe(["--config", DEMO, f"run.output_dir={tmp_path}", f"run.name=tiled-{tiled}",
+                    "train.gradient_checkpointing=true", f"train.tiled_mlp={tiled}", *SHORT], cwd=tmp_path)
+        run_dir = tmp_path / f"tiled-{tiled}"
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        losses[tiled] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+        batches = json.loads((run_dir / "manifest.json").read_text())["result"]["batches"]
+        assert ("MLP tiled" in batches) == (tiled == "true")
+    assert losses["true"][-1] < losses["true"][0] and len(losses["true"]) == len(losses["false"])
+    assert all(abs(a / b - 1) < 0.02 for a, b in zip(losses["true"], losses["false"]))

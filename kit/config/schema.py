@@ -67,6 +67,9 @@ def _combination_issues(cfg: Config) -> Iterator[Issue]:
         yield Issue("train.padding_free", "train.padding_free=true with model.backend=hf: transformers' SDPA "
                     "attention would let the concatenated examples attend to each other. Use model.backend=unsloth "
                     "or padding_free=false.")
+    if t.tiled_mlp is True and cfg.model.backend == "hf":
+        yield Issue("train.tiled_mlp", "train.tiled_mlp=true with model.backend=hf: the tiled MLP is Unsloth's. Use "
+                    "model.backend=unsloth, or train.tiled_mlp=auto.")
 
 
 def validation_issues(cfg: Config) -> list[Issue]:
@@ -91,6 +94,9 @@ def check_device(cfg: Config, cuda: bool, bf16_ok: bool) -> None:
         if t.packing:
             problems.append("train.packing=true needs a CUDA GPU: packed examples are kept apart by "
                             "FlashAttention's variable-length kernels, which CPUs lack. Set train.packing=false here.")
+        if t.tiled_mlp is True:
+            problems.append("train.tiled_mlp=true needs a CUDA GPU (Unsloth tiles the MLP there only). "
+                            "Set train.tiled_mlp=auto here.")
         if t.padding_free is True:
             problems.append("train.padding_free=true needs a CUDA GPU (variable-length attention kernels). "
                             "Set train.padding_free=false here.")

@@ -19,6 +19,7 @@ TRAIN_KIT_ONLY = {
     "warmup_ratio": "folded with warmup_steps into SFTConfig.warmup_steps (a value < 1 is a ratio)",
     "warmup_steps": "folded with warmup_ratio into SFTConfig.warmup_steps",
     "gradient_checkpointing": "resolved by the memory estimate (kit.train.memory); the backend enables its own variant",
+    "tiled_mlp": "resolved by the memory estimate (kit.train.memory); Unsloth's unsloth_tiled_mlp at load",
     "train_sampling_strategy": "auto is resolved for the device (kit.train.plan.execution), then passed by name",
     "padding_free": "auto is resolved for the device and backend (kit.train.plan.execution), then passed by name",
     "resume_from_checkpoint": "'auto' is resolved by the run directory (kit.run.rundir)",
@@ -113,6 +114,11 @@ class TrainConfig:
     gradient_checkpointing: Union[Literal["auto"], bool] = "auto"
     """Recompute activations in backward to save memory (Unsloth's offloaded variant on that backend). auto:
     off when the run's estimated peak fits model.gpu_memory_gib (the fastest), on when it does not."""
+    tiled_mlp: Union[Literal["auto"], bool] = "auto"
+    """Run each layer's MLP over tiles of the sequence (Unsloth's tiled MLP, its "arctic" tiles of hidden-size
+    rows), so that a long example's MLP intermediates, the largest part of a recomputed layer, are never whole.
+    Needs gradient checkpointing and a CUDA GPU with the Unsloth backend. auto: on when the run fits
+    model.gpu_memory_gib only with it (kit.train.memory), e.g. Llama 3.1 8B QLoRA past ~81k tokens at 24 GiB."""
     report_to: Union[str, list[str]] = "tensorboard"
     """Experiment trackers, one name or a list, through transformers' integrations, each recording inside the run
     directory: tensorboard (tensorboard/), wandb (wandb/; offline unless WANDB_MODE is set), mlflow (a SQLite store,
@@ -195,6 +201,10 @@ def issues(t: TrainConfig) -> Iterator[Issue]:
     elif t.loss_type is not None and t.method == "sft":
         yield Issue("train.loss_type", f"train.loss_type={t.loss_type} applies to preference training: set "
                     "train.method=dpo, or remove train.loss_type.")
+    if t.tiled_mlp is True and t.gradient_checkpointing is False:
+        yield Issue("train.tiled_mlp", "train.tiled_mlp=true with train.gradient_checkpointing=false: the tiles save "
+                    "memory inside recomputed layers. Set train.gradient_checkpointing=true (or auto), or "
+                    "train.tiled_mlp=auto.")
     if t.early_stopping_patience is not None:
         if t.early_stopping_patience < 1:
             yield Issue("train.early_stopping_patience", "train.early_stopping_patience must be >= 1.")

@@ -14,6 +14,9 @@ micro-batch):
   2 * (8h + 2i) + 15h bytes a token whatever the depth, and 0.25 GiB of buffers besides. The 15h and the
   0.25 GiB are fitted to the recipe's peaks from 2,499 to 65,536 tokens a micro-batch (docs/benchmarks.md);
   the depth-free form is what lets a long example fit, where 2h a token a layer would refuse it;
+- with Unsloth's tiled MLP on top (train.tiled_mlp) the MLP's gate and up values (2 * 2i bytes a token) exist
+  for one tile of h rows at a time, so a token costs 2 * 8h + 15h bytes and the tile 4hi; nothing fitted anew:
+  within 2.5% of the recipe's peaks at 32,768-131,072 tokens (docs/benchmarks.md);
 - the loss: the fused, chunked cross-entropy holds one tile of at most 4,096 rows x 16,384 vocabulary
   columns in fp32, never the full logits;
 - DPO's reference forward (train.method=dpo): TRL runs it after the policy's forward, under no_grad, while the
@@ -65,6 +68,7 @@ class MemoryEstimate:
     checkpointing: bool
     reference_gib: float = 0.0
     """DPO's reference forward (0: SFT, ORPO)."""
+    tiled_mlp: bool = False
 
     @property
     def total_gib(self) -> float:
@@ -74,7 +78,8 @@ class MemoryEstimate:
         reference = f" + reference forward {self.reference_gib:.1f}" if self.reference_gib else ""
         return (f"{self.total_gib:.1f} GiB = weights {self.weights_gib:.1f} + LoRA and optimizer "
                 f"{self.lora_gib:.1f} + activations {self.activations_gib:.1f} ({self.tokens:,} tokens, "
-                f"checkpointing {'on' if self.checkpointing else 'off'}) + loss {self.loss_gib:.1f}{reference}")
+                f"checkpointing {'on' if self.checkpointing else 'off'}{', MLP tiled' if self.tiled_mlp else ''}) "
+                f"+ loss {self.loss_gib:.1f}{reference}")
 
 
 def weights_gib(model: dict, linear_bytes: float) -> float:
@@ -85,22 +90,27 @@ def weights_gib(model: dict, linear_bytes: float) -> float:
 
 
 def estimate(model: dict, *, load_in_4bit: bool, lora_r: int, targets: list[str], optim: str, tokens: int,
-             checkpointing: bool, reference: bool = False) -> MemoryEstimate:
-    """`model`: the base model's config.json; `reference`: a reference forward runs beside the policy's (DPO)."""
+             checkpointing: bool, reference: bool = False, tiled_mlp: bool = False) -> MemoryEstimate:
+    """`model`: the base model's config.json; `reference`: a reference forward runs beside the policy's (DPO);
+    `tiled_mlp` counts only with `checkpointing`."""
     h, i, vocab = model["hidden_size"], model["intermediate_size"], model["vocab_size"]
     layers = model["num_hidden_layers"]
     proj = projection_shapes(model)
     weights = weights_gib(model, LINEAR_4BIT_BYTES if load_in_4bit else 2) * GIB
     lora = sum(lora_r * sum(proj[t]) for t in targets) * layers * LORA_BYTES[optim]
     layer = 2 * (8 * h + 2 * i)  # a token: one layer's inputs saved for its backward
+    tiled_mlp = tiled_mlp and checkpointing
     if checkpointing:
-        activations = (layer + RECOMPUTE_HIDDEN_BYTES * h) * tokens + RECOMPUTE_BUFFERS_GIB * GIB
+        # tiled: the MLP's gate and up values exist for one tile (Unsloth's "arctic" tiles: h rows) at a time
+        working, tile = (16 * h, min(tokens, h) * 2 * (2 * i)) if tiled_mlp else (layer, 0)
+        activations = (working + RECOMPUTE_HIDDEN_BYTES * h) * tokens + tile + RECOMPUTE_BUFFERS_GIB * GIB
     else:
         activations = layer * layers * tokens
     loss = min(tokens, LOSS_TILE_ROWS) * min(vocab, LOSS_TILE_COLS) * 4
-    ref = (layer * tokens + loss) if reference else 0  # one layer at a time, and its own loss tile
+    ref = (layer * tokens + loss) if reference else 0  # one layer at a time (untiled: at most), its own loss tile
     return MemoryEstimate(weights_gib=weights / GIB, lora_gib=lora / GIB, activations_gib=activations / GIB,
-                          loss_gib=loss / GIB, tokens=tokens, checkpointing=checkpointing, reference_gib=ref / GIB)
+                          loss_gib=loss / GIB, tokens=tokens, checkpointing=checkpointing, reference_gib=ref / GIB,
+                          tiled_mlp=tiled_mlp)
 
 
 def context_cap(model: dict) -> int:
@@ -110,7 +120,8 @@ def context_cap(model: dict) -> int:
 
 def max_context(model: dict, budget_gib: float, *, pairs: bool, **kw) -> tuple[int, MemoryEstimate]:
     """The longest example (tokens; a preference pair: each of its two rows) that fits `budget_gib` alone in its
-    micro-batch with checkpointing, capped by context_cap(model), and the estimate there; 0 when none fits."""
+    micro-batch with checkpointing (and `tiled_mlp` as given), capped by context_cap(model), and the estimate
+    there; 0 when none fits."""
     rows = 2 if pairs else 1
     def at(tokens: int) -> MemoryEstimate:
         return estimate(model, checkpointing=True, tokens=rows * tokens, **kw)
@@ -152,19 +163,28 @@ def usable(budget_gib: float) -> float:
     return budget_gib * (1 - RESERVE)
 
 
-def choose(model: dict, budget_gib: Optional[float], requested: Optional[bool], **kw) -> MemoryChoice:
-    """Checkpointing as requested, or (requested None: 'auto') off when the run fits the budget without it."""
+def choose(model: dict, budget_gib: Optional[float], requested: Optional[bool], tiled: Optional[bool] = None,
+           **kw) -> MemoryChoice:
+    """Checkpointing and the tiled MLP as requested, or (None: 'auto') the fastest that fits the budget: no
+    recompute, else recompute, else recompute with the MLP tiled."""
     without = estimate(model, checkpointing=False, **kw)
-    with_ = estimate(model, checkpointing=True, **kw)
+    whole = estimate(model, checkpointing=True, **kw)
+    tiles = estimate(model, checkpointing=True, tiled_mlp=True, **kw)
+    def fits(e: MemoryEstimate) -> bool:
+        return budget_gib is None or e.total_gib <= usable(budget_gib)
+    with_ = (whole if fits(whole) else tiles) if tiled is None else (tiles if tiled else whole)
     if requested is not None:
         return MemoryChoice(requested, without, with_, budget_gib, "set by train.gradient_checkpointing")
     if budget_gib is None:
         return MemoryChoice(None, without, with_, None, "auto: decided by the GPU's memory when training starts")
-    if without.total_gib <= usable(budget_gib):
+    if fits(without):
         return MemoryChoice(False, without, with_, budget_gib, f"auto: fits {budget_gib:g} GiB without recompute")
+    limit = f"{usable(budget_gib):.1f} of {budget_gib:g} GiB"
+    if with_.tiled_mlp and tiled is None:
+        return MemoryChoice(True, without, with_, budget_gib, f"auto: without it ~{without.total_gib:.1f} GiB, with "
+                            f"it and the MLP whole ~{whole.total_gib:.1f} GiB exceed {limit}: the MLP tiled")
     return MemoryChoice(True, without, with_, budget_gib,
-                        f"auto: without it ~{without.total_gib:.1f} GiB exceeds {usable(budget_gib):.1f} of "
-                        f"{budget_gib:g} GiB")
+                        f"auto: without it ~{without.total_gib:.1f} GiB exceeds {limit}")
 
 
 def largest_micro_batch(lengths: list[int], *, sampling: str, padding_free: bool, batch: int, grad_accum: int,

@@ -13,12 +13,12 @@ from kit.train.backend import Backend
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def load_model(cfg: Config, path: str, backend: Backend, checkpointing: bool):
-    """The PEFT model: `path` (a Hub id or folder) with cfg.lora's adapter, ready to train; `checkpointing`
-    as the plan resolved train.gradient_checkpointing."""
+def load_model(cfg: Config, path: str, backend: Backend, checkpointing: bool, tiled_mlp: bool):
+    """The PEFT model: `path` (a Hub id or folder) with cfg.lora's adapter, ready to train; `checkpointing` and
+    `tiled_mlp` (Unsloth backend) as the plan resolved train.gradient_checkpointing and train.tiled_mlp."""
     dtype = DTYPES[backend.precision]
     if backend.unsloth is not None:
-        return _load_unsloth(cfg, path, dtype, backend, checkpointing)
+        return _load_unsloth(cfg, path, dtype, backend, checkpointing, tiled_mlp)
     return _load_hf(cfg, path, dtype, backend, checkpointing)
 
 
@@ -28,14 +28,14 @@ def _lora_kwargs(cfg: Config) -> dict:
                 bias=lo.bias, use_rslora=lo.use_rslora, modules_to_save=lo.modules_to_save or None)
 
 
-def _load_unsloth(cfg: Config, path: str, dtype, backend: Backend, checkpointing: bool):
+def _load_unsloth(cfg: Config, path: str, dtype, backend: Backend, checkpointing: bool, tiled_mlp: bool):
     m = cfg.model
     fast_language_model = backend.unsloth.FastLanguageModel
     # one process keeps Unsloth's own placement (as measured); under DDP each rank's copy goes on its own GPU
     placement = {"device_map": backend.device_map} if backend.world.size > 1 else {}
     model, _ = fast_language_model.from_pretrained(
         model_name=path, max_seq_length=m.max_seq_length, dtype=dtype, load_in_4bit=m.load_in_4bit,
-        token=env.hf_token(), revision=m.revision, use_exact_model_name=True, **placement)
+        token=env.hf_token(), revision=m.revision, use_exact_model_name=True, unsloth_tiled_mlp=tiled_mlp, **placement)
     extra = {"use_dora": True} if cfg.lora.use_dora else {}
     return fast_language_model.get_peft_model(
         model, **_lora_kwargs(cfg), random_state=cfg.train.seed, max_seq_length=m.max_seq_length,

@@ -43,12 +43,15 @@ class Execution:
     """largest_micro_batch is what the sampler will yield (True) or a worst case (False)."""
     memory: Optional[MemoryChoice] = None
     """The GPU memory estimate and budget (None on CPU, or when the model's shape is unknown)."""
+    tiled_mlp: bool = False
+    """Unsloth's tiled MLP (train.tiled_mlp as resolved)."""
 
     def rows(self) -> list[tuple[str, str]]:
         batches = f"{self.batch} x {self.grad_accum}, {self.sampling}, " \
                   f"{'padding-free' if self.padding_free else 'padded'}; largest {self.largest_micro_batch:,} " \
                   f"tokens{'' if self.exact else ' at most'}"
         setting = {None: "auto", True: "on", False: "off"}[self.checkpointing]
+        setting += ", MLP tiled" if self.tiled_mlp else ""
         if self.memory is None:
             return [("micro-batches", batches), ("gradient checkpointing", setting)]
         return [("micro-batches", batches), ("gradient checkpointing", f"{setting} ({self.memory.reason})"),
@@ -172,6 +175,7 @@ def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib
     if sampling == "auto":  # on CUDA every micro-batch is known in advance; on CPU the guide's random batches
         sampling = "batch_rebalance" if cuda and not t.packing and not pairs else "random"
     requested = None if t.gradient_checkpointing == "auto" else t.gradient_checkpointing
+    tiled = None if t.tiled_mlp == "auto" and unsloth_cuda else t.tiled_mlp is True
     # the estimate is calibrated on Unsloth's kernels: the hf backend keeps checkpointing unless told otherwise
     estimable = m.backend != "hf" and (cuda or lengths is None)
     model = base_model_config(m.name, network=lengths is not None) if estimable else None
@@ -190,13 +194,15 @@ def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib
                                                  grad_accum=accum, devices=devices, steps=steps)
         if model is None:
             checkpointing = requested if requested is not None else cuda  # shape unknown: the safe choice
-            return Execution(sampling, batch, accum, padding_free, checkpointing, largest, exact)
-        memory = choose(model, m.gpu_memory_gib or card_gib, requested, load_in_4bit=m.load_in_4bit,
+            return Execution(sampling, batch, accum, padding_free, checkpointing, largest, exact,
+                             tiled_mlp=bool(tiled and checkpointing))
+        memory = choose(model, m.gpu_memory_gib or card_gib, requested, tiled, load_in_4bit=m.load_in_4bit,
                         lora_r=cfg.lora.r, targets=cfg.target_modules, optim=t.optim, tokens=largest,
                         reference=t.method == "dpo")
         if memory.fits:
             break
-    return Execution(sampling, batch, accum, padding_free, memory.checkpointing, largest, exact, memory)
+    return Execution(sampling, batch, accum, padding_free, memory.checkpointing, largest, exact, memory,
+                     tiled_mlp=bool(memory.checkpointing) and memory.estimate.tiled_mlp)
 
 
 def longest_example(cfg: Config, card_gib: Optional[float]) -> str:
@@ -214,15 +220,22 @@ def longest_example(cfg: Config, card_gib: Optional[float]) -> str:
     if model is None:
         raise ConfigError(f"model.name={m.name}: its config.json cannot be read here, so its memory cannot be "
                           "estimated; give a model folder, a GGUF file or a Hub id this machine can reach.")
-    tokens, at = max_context(model, budget, pairs=t.method != "sft", load_in_4bit=m.load_in_4bit, lora_r=cfg.lora.r,
-                             targets=cfg.target_modules, optim=t.optim, reference=t.method == "dpo")
+    kw = dict(pairs=t.method != "sft", load_in_4bit=m.load_in_4bit, lora_r=cfg.lora.r, targets=cfg.target_modules,
+              optim=t.optim, reference=t.method == "dpo")
+    tokens, at = max_context(model, budget, tiled_mlp=False, **kw)
+    if t.tiled_mlp is not False:  # longer with the MLP tiled, where it allows more
+        tiled_tokens, tiled_at = max_context(model, budget, tiled_mlp=True, **kw)
+        whole = f"; {tokens:,} with the MLP whole" if tiled_tokens > tokens else ""
+        tokens, at = (tiled_tokens, tiled_at) if tiled_tokens > tokens else (tokens, at)
+    else:
+        whole = ""
     if tokens == 0:
         raise ConfigError(f"model.gpu_memory_gib={budget:g}: not even a one-token example fits "
                           f"({usable(budget):.1f} GiB usable, ~{at.total_gib:.1f} GiB needed); use a larger GPU"
                           + ("" if m.load_in_4bit else ", model.load_in_4bit=true") + " or a smaller lora.r.")
     what = "pair (each of its two rows)" if t.method != "sft" else "example"
     cap = " (the longest model.max_seq_length; the memory would allow more)" if tokens == context_cap(model) else ""
-    return (f"longest {what} at {budget:g} GiB: {tokens:,} tokens{cap}\n"
+    return (f"longest {what} at {budget:g} GiB: {tokens:,} tokens{cap}{whole}\n"
             f"  GPU memory  ~{at.render()}; usable {usable(budget):.1f} of {budget:g} GiB\n"
             f"  train with  model.max_seq_length={tokens} train.per_device_train_batch_size=1 "
-            "train.gradient_checkpointing=true")
+            "train.gradient_checkpointing=true" + (" train.tiled_mlp=true" if at.tiled_mlp else ""))
