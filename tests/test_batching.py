@@ -148,6 +148,8 @@ def test_long_examples_get_the_mlp_tiled_only_when_the_whole_one_does_not_fit(tm
     assert refused.checkpointing and not refused.tiled_mlp and not refused.memory.fits
     asked = plan(8192, "train.tiled_mlp=true")  # fits either way: kept as given
     assert asked.tiled_mlp and asked.memory.estimate.tiled_mlp
+    roomy = plan(2048, "train.tiled_mlp=true", "model.gpu_memory_gib=80")  # fits without recompute, but the tiles
+    assert roomy.checkpointing and roomy.tiled_mlp and roomy.memory.reason == "set by train.tiled_mlp=true"
     assert not plan(98304, "model.load_in_4bit=false", "train.tiled_mlp=true").memory.fits  # 16 GiB of weights
     cpu = execution(load_config("llama31_sft", LLAMA8B + ["model.load_in_4bit=false"]), [512] * 4, cuda=False,
                     card_gib=None, steps=2)

@@ -175,6 +175,8 @@ def choose(model: dict, budget_gib: Optional[float], requested: Optional[bool], 
     with_ = (whole if fits(whole) else tiles) if tiled is None else (tiles if tiled else whole)
     if requested is not None:
         return MemoryChoice(requested, without, with_, budget_gib, "set by train.gradient_checkpointing")
+    if tiled:  # the tiles live inside recomputed layers
+        return MemoryChoice(True, without, with_, budget_gib, "set by train.tiled_mlp=true")
     if budget_gib is None:
         return MemoryChoice(None, without, with_, None, "auto: decided by the GPU's memory when training starts")
     if fits(without):
