@@ -11,6 +11,9 @@ KoAlpaca-format rows. Reports steady-state real tokens/s and peak GPU memory (do
     python bench/train_speed.py direct --work W [--shape 4x2048 ...] [--no-checkpointing]   # Unsloth called directly
     python bench/train_speed.py trl --work W [--batch 32] [--no-checkpointing]   # Unsloth in TRL, padding-free
     add --profile N to `kit` or `direct`: torch.profiler over optimizer step N+1, where time went
+    python bench/train_speed.py long --work W [--lengths 32768 65536 98304 131072] [--budget 24] [--whole 65536 81360]
+        the long-context table: one example of each length a step, 2 steps, at model.gpu_memory_gib=BUDGET with
+        checkpointing and train.tiled_mlp=auto (--whole: these lengths also with the MLP whole); peak vs estimate
 
 Steady state = real (non-padding) tokens between the first logged step >= 2 and the last one, over the
 time between them; the figure "with warm-up" counts the whole run. Peak = torch.cuda.max_memory_allocated
@@ -66,6 +69,19 @@ def make_data(out: Path, rows: int, seed: int = 0) -> dict:
     lengths.sort()
     return {"rows": rows, "median": lengths[len(lengths) // 2], "mean": round(statistics.mean(lengths)),
             "p95": lengths[int(0.95 * len(lengths))], "max": lengths[-1]}
+
+
+def make_long_data(out: Path, tokens: int, rows: int = 3, seed: int = 0) -> None:
+    """`rows` KoAlpaca rows whose answers are `tokens` tokens long: each is cut to the run's max_seq_length."""
+    from kit.data.rows import SAMPLE_FILE
+    from kit.models.template import load_tokenizer
+    tok = load_tokenizer("bundled")
+    sample = [json.loads(line) for line in SAMPLE_FILE.read_text(encoding="utf-8").splitlines()]
+    rng = random.Random(seed)
+    with open(out, "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"instruction": rng.choice(sample)["instruction"], "input": "",
+                                "output": stitched(tok, sample, rng, tokens)}, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------- profiling
@@ -154,7 +170,8 @@ def run_kit(a, overrides: list[str]) -> dict:
     run = RunDir(run_dir)
     metrics = read_metrics(run.metrics)
     res = read_manifest(run)["result"]
-    return {"label": a.label, "overrides": overrides, **steady(metrics), "peak_gib": round(res["peak_gib"], 2),
+    return {"label": a.label, "overrides": overrides, **steady(metrics), "run_tokens_per_s": round(res["tokens_per_s"]),
+            "peak_gib": round(res["peak_gib"], 2),
             "estimate_gib": res["estimate_gib"], "batches": res["batches"], "attention": res["attention"],
             "loss_kernel": res["loss_kernel"], "steps": res["steps"],
             "losses": [[m["step"], round(m["loss"], 4)] for m in metrics if "loss" in m]}
@@ -330,6 +347,36 @@ def table(a) -> None:
               f"{r.get('peak_gib', '-'):>9} {estimate:>8}  {r.get('batches', '')}")
 
 
+def long_table(a, overrides: list[str]) -> None:
+    """Each length as one example a step (2 steps) under a.budget GiB, the MLP as the plan picks it and, for
+    a.whole, whole: the recipe's peak against its estimate, one child process a row."""
+    work = Path(a.work)
+    model = a.model or str(prepare(work, a.rows)[1])
+    data = work / f"long-{max(a.lengths + a.whole)}.jsonl"
+    if not data.exists():
+        make_long_data(data, max(a.lengths + a.whole) + 1024)
+    rows = []
+    for tokens, tiled in [(t, "auto") for t in a.lengths] + [(t, "false") for t in a.whole]:
+        label = f"long-{tokens}-{tiled}"
+        res = child(work, "kit", "--work", str(work), "--label", label, "--model", model, "--data", str(data),
+                    "--steps", "2", f"model.max_seq_length={tokens}", f"model.gpu_memory_gib={a.budget:g}",
+                    "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=1",
+                    "train.gradient_checkpointing=true", f"train.tiled_mlp={tiled}", "train.sample_prompts=0",
+                    "data.eval_ratio=0", *overrides)
+        print(json.dumps(res), flush=True)
+        rows.append((tokens, res))
+    print(f"\n{'tokens':>8} {'MLP':>6} {'peak GiB':>9} {'estimate':>8} {'error':>7} {'tokens/s':>9}"  # with warm-up
+          f"  (model.gpu_memory_gib={a.budget:g})")
+    for tokens, r in rows:
+        if "peak_gib" not in r:
+            print(f"{tokens:>8} {'-':>6} {r.get('error', 'no result')}")
+            continue
+        mlp = "tiled" if "MLP tiled" in r["batches"] else "whole"
+        est = r["estimate_gib"]
+        estimate, error = (f"{est:.2f}", f"{est / r['peak_gib'] - 1:+.1%}") if est else ("-", "-")
+        print(f"{tokens:>8} {mlp:>6} {r['peak_gib']:>9} {estimate:>8} {error:>7} {r['run_tokens_per_s']:>9}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -351,6 +398,13 @@ def main() -> None:
         s.add_argument("--seq", type=int, default=2048)
         s.add_argument("--no-checkpointing", action="store_true")
         s.add_argument("--batch", type=int, default=32, help="trl: rows a step (padding-free, one pass)")
+    lc = sub.add_parser("long")
+    lc.add_argument("--work", default="/tmp/kitlong")
+    lc.add_argument("--rows", type=int, default=1500, help="rows of the length mix (prepare, when no --model)")
+    lc.add_argument("--model", help="model folder (default: the random 8B shape built under --work)")
+    lc.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536, 98304, 131072])
+    lc.add_argument("--whole", nargs="*", type=int, default=[], help="these lengths also with train.tiled_mlp=false")
+    lc.add_argument("--budget", type=float, default=24, help="model.gpu_memory_gib")
     a, rest = p.parse_known_args()
     if a.cmd == "data":
         print(json.dumps(make_data(a.out, a.rows)))
@@ -362,6 +416,8 @@ def main() -> None:
         run_direct(a)
     elif a.cmd == "trl":
         print(json.dumps(run_trl(a)), flush=True)
+    elif a.cmd == "long":
+        long_table(a, rest)
     else:
         table(a)
 
