@@ -31,7 +31,8 @@ from kit.models.template import load_tokenizer
 from kit.models.tiny import build_random_model
 
 tok = load_tokenizer("bundled")
-model = load_model(cfg, str(build_random_model("tiny", 0, Path(sys.argv[1]) / "base")), backend, checkpointing=False)
+model = load_model(cfg, str(build_random_model("tiny", 0, Path(sys.argv[1]) / "base")), backend, checkpointing=False,
+                   tiled_mlp=False)
 model.train()
 with torch.no_grad():  # LoRA B starts at zero: give the adapter an effect, so it is part of what is compared
     for name, p in model.named_parameters():

@@ -12,7 +12,8 @@ from kit.train.model import load_model
 def test_nf4_base_with_lora_trains_on_cpu(tiny_base, tokenizer):
     import bitsandbytes as bnb
     cfg = load_config("demo", ["model.backend=hf", "model.load_in_4bit=true", "lora.r=4"])
-    model = load_model(cfg, str(tiny_base), Backend("hf", detect_device(), "fp32"), checkpointing=False)
+    model = load_model(cfg, str(tiny_base), Backend("hf", detect_device(), "fp32"), checkpointing=False,
+                       tiled_mlp=False)
     quantized = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 2 * 7 and all(w.quant_state.quant_type == "nf4" for w in quantized), "the 7 projections"
     assert all(w.dtype == torch.uint8 and w.numel() * 2 == w.quant_state.shape.numel() for w in quantized), "4-bit"
