@@ -46,12 +46,16 @@ class Execution:
     tiled_mlp: bool = False
     """Unsloth's tiled MLP (train.tiled_mlp as resolved)."""
 
+    @property
+    def recompute(self) -> str:
+        """Gradient checkpointing as resolved, with the tiled MLP: "on, MLP tiled", "off", "auto"."""
+        return {None: "auto", True: "on", False: "off"}[self.checkpointing] + (", MLP tiled" if self.tiled_mlp else "")
+
     def rows(self) -> list[tuple[str, str]]:
         batches = f"{self.batch} x {self.grad_accum}, {self.sampling}, " \
                   f"{'padding-free' if self.padding_free else 'padded'}; largest {self.largest_micro_batch:,} " \
                   f"tokens{'' if self.exact else ' at most'}"
-        setting = {None: "auto", True: "on", False: "off"}[self.checkpointing]
-        setting += ", MLP tiled" if self.tiled_mlp else ""
+        setting = self.recompute
         if self.memory is None:
             return [("micro-batches", batches), ("gradient checkpointing", setting)]
         return [("micro-batches", batches), ("gradient checkpointing", f"{setting} ({self.memory.reason})"),
@@ -202,7 +206,7 @@ def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib
         if memory.fits:
             break
     return Execution(sampling, batch, accum, padding_free, memory.checkpointing, largest, exact, memory,
-                     tiled_mlp=bool(memory.checkpointing) and memory.estimate.tiled_mlp)
+                     tiled_mlp=memory.estimate.tiled_mlp)
 
 
 def longest_example(cfg: Config, card_gib: Optional[float]) -> str:
@@ -223,12 +227,12 @@ def longest_example(cfg: Config, card_gib: Optional[float]) -> str:
     kw = dict(pairs=t.method != "sft", load_in_4bit=m.load_in_4bit, lora_r=cfg.lora.r, targets=cfg.target_modules,
               optim=t.optim, reference=t.method == "dpo")
     tokens, at = max_context(model, budget, tiled_mlp=False, **kw)
+    whole = ""
     if t.tiled_mlp is not False:  # longer with the MLP tiled, where it allows more
         tiled_tokens, tiled_at = max_context(model, budget, tiled_mlp=True, **kw)
-        whole = f"; {tokens:,} with the MLP whole" if tiled_tokens > tokens else ""
-        tokens, at = (tiled_tokens, tiled_at) if tiled_tokens > tokens else (tokens, at)
-    else:
-        whole = ""
+        if tiled_tokens > tokens:
+            whole = f"; {tokens:,} with the MLP whole"
+            tokens, at = tiled_tokens, tiled_at
     if tokens == 0:
         raise ConfigError(f"model.gpu_memory_gib={budget:g}: not even a one-token example fits "
                           f"({usable(budget):.1f} GiB usable, ~{at.total_gib:.1f} GiB needed); use a larger GPU"

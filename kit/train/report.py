@@ -118,7 +118,7 @@ def finish(cfg: Config, run: RunDir, backend: Backend, plan: Plan, trained: Trai
     how = plan.execution
     batches = "-" if how is None else (
         f"{how.batch} x {how.grad_accum} {how.sampling}{', padding-free' if how.padding_free else ''}; "
-        f"gradient checkpointing {'on' if how.checkpointing else 'off'}{', MLP tiled' if how.tiled_mlp else ''}")
+        f"gradient checkpointing {how.recompute}")
     return Result(
         run_dir=str(run.path), model=cfg.model.name, chat_format=f"{chat.family}: {chat.describe()}",
         backend=backend.name, precision=backend.precision,
