@@ -316,7 +316,8 @@ TABLE = {  # label: (kind, optimizer steps, extra arguments: recipe overrides fo
     "unsloth-direct-b8-no-recompute": ("direct", 6, ["--shape", "8x2048", "--no-checkpointing"]),
     "unsloth-trl-padding-free": ("trl", 12, ["--no-checkpointing"]),  # batch 32, as the kit's 80 GiB plan
     "unsloth-trl-padding-free-recompute": ("trl", 12, []),            # the peer of the kit's 24 GiB plan
-    "kit-24gib": ("kit", 40, ["model.gpu_memory_gib=24"]),
+    "kit-24gib": ("kit", 40, ["model.gpu_memory_gib=24"]),   # recompute for as few layers as fit
+    "kit-24gib-all-layers": ("kit", 40, ["model.gpu_memory_gib=24", "train.gradient_checkpointing=true"]),
     "kit-8gib": ("kit", 12, ["model.gpu_memory_gib=8"]),
     "kit-length-grouped-padded": ("kit", 40, ["model.gpu_memory_gib=80", "train.padding_free=false",
                                               "train.train_sampling_strategy=group_by_length"]),

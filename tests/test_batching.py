@@ -80,6 +80,14 @@ def test_full_card_runs_each_step_in_one_padding_free_pass_without_recompute():
 def test_smaller_budgets_turn_checkpointing_on_then_split_the_step():
     on_24 = _plan(["model.gpu_memory_gib=24"])
     assert on_24.checkpointing is True and (on_24.batch, on_24.grad_accum) == (32, 1) and on_24.memory.fits
+    # the budget's room beyond full recompute keeps the last layers whole: as many as fit, and one more does not
+    kept = on_24.kept_layers
+    assert 0 < kept < 31 and on_24.recompute == f"on for {32 - kept} of 32 layers"
+    assert on_24.memory.estimate.total_gib <= usable(24) < _estimate(on_24.largest_micro_batch, True,
+                                                                     kept_layers=kept + 1).total_gib
+    assert "fit without recompute" in on_24.memory.reason
+    all_layers = _plan(["model.gpu_memory_gib=24", "train.gradient_checkpointing=true"])  # as asked: every layer
+    assert all_layers.kept_layers == 0 and all_layers.recompute == "on"
     on_8 = _plan(["model.gpu_memory_gib=8"])
     assert on_8.checkpointing is True and on_8.batch * on_8.grad_accum == 32 and on_8.grad_accum > 1
     assert on_8.memory.fits and on_8.memory.estimate.total_gib <= usable(8)
@@ -119,6 +127,15 @@ def test_memory_estimate_lands_near_the_recipes_measured_peaks(tokens, checkpoin
 def test_checkpointed_estimate_lands_within_5_percent_from_short_to_long_context(tokens, measured_gib):
     assert abs(_estimate(tokens, True).total_gib / measured_gib - 1) < 0.05
 
+
+
+@pytest.mark.parametrize("kept, measured_gib", [
+    # the recipe at model.gpu_memory_gib=24 and 16 (its plan kept 7 and 3 of 32 layers out of the recompute), the
+    # largest micro-batch 14,757 tokens, H200 (docs/benchmarks.md): within 10%, never below the peak
+    (7, 17.85), (3, 11.75)])
+def test_estimate_with_layers_kept_out_of_the_recompute_lands_within_10_percent(kept, measured_gib):
+    estimate = _estimate(14757, True, kept_layers=kept).total_gib
+    assert measured_gib <= estimate < measured_gib * 1.10
 
 @pytest.mark.parametrize("tokens, measured_gib", [
     # one example under a 24 GiB cap with Unsloth's tiled MLP, H200 (docs/benchmarks.md); 131,072 is Llama 3.1's
@@ -195,8 +212,9 @@ def test_a_plan_that_ran_out_of_a_capped_8_gib_does_not_fit_it():
     assert estimate.total_gib > usable(8) and _estimate(2499, True).total_gib <= usable(8)
 
 
-def _estimate(tokens, checkpointing, tiled_mlp=False):
+def _estimate(tokens, checkpointing, tiled_mlp=False, kept_layers=0):
     from kit.train.memory import base_model_config, estimate
     return estimate(base_model_config("random:8b", network=False), load_in_4bit=True, lora_r=16,
                     targets=load_config(None).target_modules, optim="adamw_torch", tokens=tokens,
-                    checkpointing=checkpointing, tiled_mlp=tiled_mlp)
+                    checkpointing=checkpointing, tiled_mlp=tiled_mlp, kept_layers=kept_layers)
+

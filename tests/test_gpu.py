@@ -4,6 +4,8 @@ bitsandbytes' CPU backend (0.50) does carry NF4 + LoRA training and the paged 8-
 CI (tests/test_qlora_cpu.py). What stays here: the recipe end to end (it refuses model.load_in_4bit and 8-bit
 optimizers on CPU), Unsloth's 4-bit path, and fp16."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +47,33 @@ def test_tiled_mlp_trains_as_the_whole_mlp(tmp_path):
         assert ("MLP tiled" in batches) == (tiled == "true")
     assert losses["true"][-1] < losses["true"][0] and len(losses["true"]) == len(losses["false"])
     assert all(abs(a / b - 1) < 0.02 for a, b in zip(losses["true"], losses["false"]))
+
+
+KEPT = """
+import sys
+from kit.config.load import load_config
+from kit.models.template import load_tokenizer
+from kit.train.backend import activate
+from kit.train.model import load_model
+cfg = load_config("demo", ["model.load_in_4bit=true", "lora.dropout=0"])
+backend = activate(cfg)
+ids = load_tokenizer("bundled")("배치 크기란 무엇인가요?", return_tensors="pt")["input_ids"].cuda()
+for kept in (0, 1):
+    model = load_model(cfg, sys.argv[1], backend, checkpointing=True, tiled_mlp=False, kept_layers=kept)
+    backend.unsloth.FastLanguageModel.for_training(model)  # as Unsloth's trainer does at its start
+    layers = model.get_base_model().model.layers
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    print("calls", kept, calls)
+"""
+
+
+def test_kept_layers_are_not_recomputed(tmp_path, tiny_base):
+    # a recomputed layer starts its forward twice a step (once more in the backward), a kept one once; the
+    # layers the plan keeps stay kept through Unsloth's return to training
+    out = subprocess.run([sys.executable, "-c", KEPT, str(tiny_base)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    calls = [line.split(" ", 2)[1:] for line in out.stdout.splitlines() if line.startswith("calls ")]
+    assert calls == [["0", "[2, 2]"], ["1", "[2, 1]"]], out.stdout[-2000:] + out.stderr[-2000:]

@@ -113,7 +113,9 @@ class TrainConfig:
     knows every micro-batch and its memory in advance), random on CPU."""
     gradient_checkpointing: Union[Literal["auto"], bool] = "auto"
     """Recompute activations in backward to save memory (Unsloth's offloaded variant on that backend). auto:
-    off when the run's estimated peak fits model.gpu_memory_gib (the fastest), on when it does not."""
+    off when the run's estimated peak fits model.gpu_memory_gib (the fastest); else on for as few layers as fit,
+    the others keeping their activations (Unsloth's checkpoint_skip_layers: the budget's room beyond full
+    recompute, spent on speed); true: every layer."""
     tiled_mlp: Union[Literal["auto"], bool] = "auto"
     """Run each layer's MLP over tiles of the sequence (Unsloth's tiled MLP, its "arctic" tiles of hidden-size
     rows), so that a long example's MLP intermediates, the largest part of a recomputed layer, are never whole.

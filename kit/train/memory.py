@@ -14,6 +14,10 @@ micro-batch):
   2 * (8h + 2i) + 15h bytes a token whatever the depth, and 0.25 GiB of buffers besides. The 15h and the
   0.25 GiB are fitted to the recipe's peaks from 2,499 to 65,536 tokens a micro-batch (docs/benchmarks.md);
   the depth-free form is what lets a long example fit, where 2h a token a layer would refuse it;
+- with k layers kept out of the recompute (Unsloth's checkpoint_skip_layers, spread over the depth, the last
+  layer among them): the k hold 2 * (8h + 2i) bytes a token each when the backward starts, and while a
+  recomputed layer runs, its working set and the at most k - 1 kept below it; so k layers in place of the one
+  recomputed layer's working set (k >= 1);
 - with Unsloth's tiled MLP on top (train.tiled_mlp) the MLP's gate and up values (2 * 2i bytes a token) exist
   for one tile of h rows at a time, so a token costs 2 * 8h + 15h bytes and the tile 4hi; nothing fitted anew:
   within 2.5% of the recipe's peaks at 32,768-131,072 tokens (docs/benchmarks.md);
@@ -69,6 +73,17 @@ class MemoryEstimate:
     reference_gib: float = 0.0
     """DPO's reference forward (0: SFT, ORPO)."""
     tiled_mlp: bool = False
+    layers: int = 0
+    kept_layers: int = 0
+    """With checkpointing: the layers that keep their activations, not recomputed (0: every layer recomputed)."""
+
+    @property
+    def recompute(self) -> str:
+        """Checkpointing as estimated: "on", "on for 25 of 32 layers", "on, MLP tiled", "off"."""
+        if not self.checkpointing:
+            return "off"
+        part = f" for {self.layers - self.kept_layers} of {self.layers} layers" if self.kept_layers else ""
+        return f"on{part}{', MLP tiled' if self.tiled_mlp else ''}"
 
     @property
     def total_gib(self) -> float:
@@ -78,7 +93,7 @@ class MemoryEstimate:
         reference = f" + reference forward {self.reference_gib:.1f}" if self.reference_gib else ""
         return (f"{self.total_gib:.1f} GiB = weights {self.weights_gib:.1f} + LoRA and optimizer "
                 f"{self.lora_gib:.1f} + activations {self.activations_gib:.1f} ({self.tokens:,} tokens, "
-                f"checkpointing {'on' if self.checkpointing else 'off'}{', MLP tiled' if self.tiled_mlp else ''}) "
+                f"checkpointing {self.recompute}) "
                 f"+ loss {self.loss_gib:.1f}{reference}")
 
 
@@ -90,9 +105,10 @@ def weights_gib(model: dict, linear_bytes: float) -> float:
 
 
 def estimate(model: dict, *, load_in_4bit: bool, lora_r: int, targets: list[str], optim: str, tokens: int,
-             checkpointing: bool, reference: bool = False, tiled_mlp: bool = False) -> MemoryEstimate:
+             checkpointing: bool, reference: bool = False, tiled_mlp: bool = False,
+             kept_layers: int = 0) -> MemoryEstimate:
     """`model`: the base model's config.json; `reference`: a reference forward runs beside the policy's (DPO);
-    `tiled_mlp` counts only with `checkpointing`."""
+    `tiled_mlp` and `kept_layers` (layers not recomputed; the MLP whole) count only with `checkpointing`."""
     h, i, vocab = model["hidden_size"], model["intermediate_size"], model["vocab_size"]
     layers = model["num_hidden_layers"]
     proj = projection_shapes(model)
@@ -100,9 +116,10 @@ def estimate(model: dict, *, load_in_4bit: bool, lora_r: int, targets: list[str]
     lora = sum(lora_r * sum(proj[t]) for t in targets) * layers * LORA_BYTES[optim]
     layer = 2 * (8 * h + 2 * i)  # a token: one layer's inputs saved for its backward
     tiled_mlp = tiled_mlp and checkpointing
+    kept_layers = kept_layers if checkpointing and not tiled_mlp else 0
     if checkpointing:
         # tiled: the MLP's gate and up values exist for one tile (Unsloth's "arctic" tiles: h rows) at a time
-        working, tile = (16 * h, min(tokens, h) * 2 * (2 * i)) if tiled_mlp else (layer, 0)
+        working, tile = (16 * h, min(tokens, h) * 2 * (2 * i)) if tiled_mlp else (layer * max(kept_layers, 1), 0)
         activations = (working + RECOMPUTE_HIDDEN_BYTES * h) * tokens + tile + RECOMPUTE_BUFFERS_GIB * GIB
     else:
         activations = layer * layers * tokens
@@ -110,7 +127,7 @@ def estimate(model: dict, *, load_in_4bit: bool, lora_r: int, targets: list[str]
     ref = (layer * tokens + loss) if reference else 0  # one layer at a time (untiled: at most), its own loss tile
     return MemoryEstimate(weights_gib=weights / GIB, lora_gib=lora / GIB, activations_gib=activations / GIB,
                           loss_gib=loss / GIB, tokens=tokens, checkpointing=checkpointing, reference_gib=ref / GIB,
-                          tiled_mlp=tiled_mlp)
+                          tiled_mlp=tiled_mlp, layers=layers, kept_layers=kept_layers)
 
 
 def context_cap(model: dict) -> int:
@@ -166,7 +183,8 @@ def usable(budget_gib: float) -> float:
 def choose(model: dict, budget_gib: Optional[float], requested: Optional[bool], tiled: Optional[bool] = None,
            **kw) -> MemoryChoice:
     """Checkpointing and the tiled MLP as requested, or (None: 'auto') the fastest that fits the budget: no
-    recompute, else recompute, else recompute with the MLP tiled."""
+    recompute, else recompute for as few layers as fit (the others keep their activations), else for all of
+    them with the MLP tiled."""
     without = estimate(model, checkpointing=False, **kw)
     whole = estimate(model, checkpointing=True, **kw)
     tiles = estimate(model, checkpointing=True, tiled_mlp=True, **kw)
@@ -182,6 +200,12 @@ def choose(model: dict, budget_gib: Optional[float], requested: Optional[bool], 
     if fits(without):
         return MemoryChoice(False, without, with_, budget_gib, f"auto: fits {budget_gib:g} GiB without recompute")
     limit = f"{usable(budget_gib):.1f} of {budget_gib:g} GiB"
+    partial = next((e for k in range(whole.layers - 1, 0, -1)
+                    if fits(e := estimate(model, checkpointing=True, kept_layers=k, **kw))), None)
+    if partial is not None and not with_.tiled_mlp:
+        return MemoryChoice(True, without, partial, budget_gib, f"auto: without it ~{without.total_gib:.1f} GiB "
+                            f"exceeds {limit}; {partial.kept_layers} layer{'s' * (partial.kept_layers > 1)} "
+                            "fit without recompute")
     if with_.tiled_mlp and tiled is None:
         return MemoryChoice(True, without, with_, budget_gib, f"auto: without it ~{without.total_gib:.1f} GiB, with "
                             f"it and the MLP whole ~{whole.total_gib:.1f} GiB exceed {limit}: the MLP tiled")

@@ -13,12 +13,13 @@ from kit.train.backend import Backend
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def load_model(cfg: Config, path: str, backend: Backend, checkpointing: bool, tiled_mlp: bool):
-    """The PEFT model: `path` (a Hub id or folder) with cfg.lora's adapter, ready to train; `checkpointing` and
-    `tiled_mlp` (Unsloth backend) as the plan resolved train.gradient_checkpointing and train.tiled_mlp."""
+def load_model(cfg: Config, path: str, backend: Backend, checkpointing: bool, tiled_mlp: bool, kept_layers: int = 0):
+    """The PEFT model: `path` (a Hub id or folder) with cfg.lora's adapter, ready to train; `checkpointing`,
+    `tiled_mlp` and `kept_layers` (Unsloth backend) as the plan resolved train.gradient_checkpointing and
+    train.tiled_mlp (kit.train.plan.Execution)."""
     dtype = DTYPES[backend.precision]
     if backend.unsloth is not None:
-        return _load_unsloth(cfg, path, dtype, backend, checkpointing, tiled_mlp)
+        return _load_unsloth(cfg, path, dtype, backend, checkpointing, tiled_mlp, kept_layers)
     return _load_hf(cfg, path, dtype, backend, checkpointing)
 
 
@@ -28,7 +29,8 @@ def _lora_kwargs(cfg: Config) -> dict:
                 bias=lo.bias, use_rslora=lo.use_rslora, modules_to_save=lo.modules_to_save or None)
 
 
-def _load_unsloth(cfg: Config, path: str, dtype, backend: Backend, checkpointing: bool, tiled_mlp: bool):
+def _load_unsloth(cfg: Config, path: str, dtype, backend: Backend, checkpointing: bool, tiled_mlp: bool,
+                  kept_layers: int):
     m = cfg.model
     fast_language_model = backend.unsloth.FastLanguageModel
     # one process keeps Unsloth's own placement (as measured); under DDP each rank's copy goes on its own GPU
@@ -37,6 +39,8 @@ def _load_unsloth(cfg: Config, path: str, dtype, backend: Backend, checkpointing
         model_name=path, max_seq_length=m.max_seq_length, dtype=dtype, load_in_4bit=m.load_in_4bit,
         token=env.hf_token(), revision=m.revision, use_exact_model_name=True, unsloth_tiled_mlp=tiled_mlp, **placement)
     extra = {"use_dora": True} if cfg.lora.use_dora else {}
+    if checkpointing and kept_layers:  # these layers keep their activations: no recompute for them
+        extra["checkpoint_skip_layers"] = kept_layers
     return fast_language_model.get_peft_model(
         model, **_lora_kwargs(cfg), random_state=cfg.train.seed, max_seq_length=m.max_seq_length,
         use_gradient_checkpointing="unsloth" if checkpointing else False, **extra)

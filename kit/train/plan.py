@@ -47,8 +47,15 @@ class Execution:
     """Unsloth's tiled MLP (train.tiled_mlp as resolved)."""
 
     @property
+    def kept_layers(self) -> int:
+        """With checkpointing: the decoder layers that keep their activations (kit.train.memory.choose)."""
+        return self.memory.estimate.kept_layers if self.memory is not None and self.checkpointing else 0
+
+    @property
     def recompute(self) -> str:
-        """Gradient checkpointing as resolved, with the tiled MLP: "on, MLP tiled", "off", "auto"."""
+        """Gradient checkpointing as resolved, with the tiled MLP: "on for 25 of 32 layers", "off", "auto"."""
+        if self.memory is not None and self.checkpointing is not None:
+            return self.memory.estimate.recompute
         return {None: "auto", True: "on", False: "off"}[self.checkpointing] + (", MLP tiled" if self.tiled_mlp else "")
 
     def rows(self) -> list[tuple[str, str]]:

@@ -187,7 +187,8 @@ def train(cfg: Config, backend: Backend, tokenizer, data: TrainingData, run: Run
         torch.cuda.set_per_process_memory_fraction(budget / card)
     if how.memory is not None and not how.memory.fits:
         log.warning(f"the run may not fit model.gpu_memory_gib: {how.memory.render()}")
-    model = load_model(cfg, base, backend, checkpointing=bool(how.checkpointing), tiled_mlp=how.tiled_mlp)
+    model = load_model(cfg, base, backend, checkpointing=bool(how.checkpointing), tiled_mlp=how.tiled_mlp,
+                       kept_layers=how.kept_layers)
     alarm = OverfitAlarm(cfg.train.overfit_patience)
     trainer = build_trainer(cfg, backend, model, tokenizer, data, run, alarm, how, record)
     used = kernels(backend, how.padding_free, fused_head=isinstance(trainer, (SFTTrainer, DPOTrainer)))
