@@ -103,7 +103,7 @@ endif
 test: setup setup-browser
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/ruff check kit tests bench
-	$(VENV)/bin/python -m pytest -q -rs tests
+	$(VENV)/bin/python -m pytest -q -rs --durations=30 tests
 
 clean:
 	rm -rf $(VENV) $(SERVE) runs
