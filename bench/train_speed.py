@@ -1,7 +1,8 @@
 """Training speed on one CUDA GPU, side by side in one call: the kit's recipe as shipped, Unsloth called
 directly on full 2,048-token rows (with and without its checkpointing), Unsloth in TRL's SFTTrainer with
 padding-free batches of 32 (with and without), and the HF backend, on one log-normal length mix of Korean
-KoAlpaca-format rows. Reports steady-state real tokens/s and peak GPU memory (docs/benchmarks.md).
+KoAlpaca-format rows. Reports steady-state real tokens/s and peak GPU memory, each kit row against the best
+Unsloth row and the best one that fits its model.gpu_memory_gib (docs/benchmarks.md).
 
     python bench/train_speed.py table --work /tmp/kitspeed          # the whole table, one subprocess a row
     python bench/train_speed.py data OUT.jsonl                       # the length mix alone
@@ -337,15 +338,30 @@ def table(a) -> None:
         res = child(work, kind, *common, *(["--data", str(data)] if kind in ("kit", "trl") else []), *extra)
         print(json.dumps(res), flush=True)
         rows.append(res)
-    base = max((r.get("steady_tokens_per_s") or 0 for r in rows if r["label"].startswith("unsloth")), default=0)
-    print(f"\n{'run':<34} {'tokens/s steady':>15} {'with warm-up':>12} {'vs best Unsloth':>15} {'peak GiB':>9} "
-          f"{'estimate':>8}  micro-batches")
+    print_table(rows)
+
+
+def budget_gib(row: dict) -> float:
+    """A kit row's model.gpu_memory_gib (inf: the whole card)."""
+    given = [o.split("=", 1)[1] for o in row.get("overrides", []) if o.startswith("model.gpu_memory_gib=")]
+    return float(given[-1]) if given else math.inf
+
+
+def print_table(rows: list[dict]) -> None:
+    """Each row against the best Unsloth row, and against the best one whose peak fits the row's budget (the
+    peer at that card size: at 24 GiB, Unsloth with its checkpointing)."""
+    peers = [r for r in rows if r["label"].startswith("unsloth") and r.get("steady_tokens_per_s")]
+    base = max((r["steady_tokens_per_s"] for r in peers), default=0)
+    print(f"\n{'run':<38} {'tokens/s steady':>15} {'with warm-up':>12} {'vs best Unsloth':>15} "
+          f"{'vs Unsloth in budget':>20} {'peak GiB':>9} {'estimate':>8}  micro-batches")
     for r in rows:
         steady_rate = r.get("steady_tokens_per_s")
         ratio = f"{steady_rate / base:.2f}x" if steady_rate and base else "-"
+        fitting = [p["steady_tokens_per_s"] for p in peers if p["peak_gib"] <= budget_gib(r)]
+        in_budget = f"{steady_rate / max(fitting):.2f}x" if steady_rate and fitting and "overrides" in r else "-"
         estimate = f"{r['estimate_gib']:.1f}" if r.get("estimate_gib") else "-"
-        print(f"{r['label']:<34} {steady_rate or '-':>15} {r.get('warm_tokens_per_s', '-'):>12} {ratio:>15} "
-              f"{r.get('peak_gib', '-'):>9} {estimate:>8}  {r.get('batches', '')}")
+        print(f"{r['label']:<38} {steady_rate or '-':>15} {r.get('warm_tokens_per_s', '-'):>12} {ratio:>15} "
+              f"{in_budget:>20} {r.get('peak_gib', '-'):>9} {estimate:>8}  {r.get('batches', '')}")
 
 
 def long_table(a, overrides: list[str]) -> None:
