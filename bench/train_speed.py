@@ -187,7 +187,7 @@ def run_direct(a) -> list[dict]:
     import torch
     from unsloth import FastLanguageModel  # before transformers, as Unsloth asks
     model, _ = FastLanguageModel.from_pretrained(model_name=a.model, max_seq_length=a.seq, dtype=torch.bfloat16,
-                                                 load_in_4bit=True, use_exact_model_name=True)
+                                                 load_in_4bit=not a.fp8, load_in_fp8=a.fp8, use_exact_model_name=True)
     model = FastLanguageModel.get_peft_model(
         model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none", target_modules=PROJECTIONS, random_state=42,
         use_gradient_checkpointing=False if a.no_checkpointing else "unsloth", max_seq_length=a.seq)
@@ -226,7 +226,7 @@ def run_direct(a) -> list[dict]:
         if profiler:
             profiler.__exit__(None, None, None)
         padded = rows * width * (a.steps - 2)
-        results.append({"label": f"{a.label}-{shape}", "shape": shape, "ragged": a.ragged,
+        results.append({"label": f"{a.label}-{shape}", "shape": shape, "ragged": a.ragged, "fp8": a.fp8,
                         "checkpointing": not a.no_checkpointing,
                         "steady_tokens_per_s": round(real / (end - t0)),
                         "padded_tokens_per_s": round(padded / (end - t0)),
@@ -251,7 +251,8 @@ def run_trl(a) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
     model, tok = FastLanguageModel.from_pretrained(model_name=a.model, max_seq_length=a.seq, dtype=torch.bfloat16,
-                                                   load_in_4bit=cuda, use_exact_model_name=True)
+                                                   load_in_4bit=cuda and not a.fp8, load_in_fp8=a.fp8,
+                                                   use_exact_model_name=True)
     model = FastLanguageModel.get_peft_model(
         model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none", target_modules=PROJECTIONS, random_state=42,
         use_gradient_checkpointing=False if a.no_checkpointing else "unsloth", max_seq_length=a.seq)
@@ -312,12 +313,16 @@ def child(work: Path, *args: str) -> dict:
 TABLE = {  # label: (kind, optimizer steps, extra arguments: recipe overrides for kit rows)
     "kit-default": ("kit", 40, []),
     "kit-80gib": ("kit", 40, ["model.gpu_memory_gib=80"]),   # an 80 GB card's budget on a larger one
+    "kit-80gib-fp8": ("kit", 40, ["model.gpu_memory_gib=80", "model.load_in_fp8=true", "model.load_in_4bit=false"]),
+    "kit-80gib-16bit": ("kit", 40, ["model.gpu_memory_gib=80", "model.load_in_4bit=false"]),  # the bf16 path, for FP8
     "unsloth-direct-full-rows": ("direct", 6, ["--shape", "4x2048"]),  # Unsloth's own rate on full rows
     "unsloth-direct-b4-no-recompute": ("direct", 6, ["--shape", "4x2048", "--no-checkpointing"]),
     "unsloth-direct-b8-no-recompute": ("direct", 6, ["--shape", "8x2048", "--no-checkpointing"]),
+    "unsloth-direct-b8-fp8": ("direct", 6, ["--shape", "8x2048", "--no-checkpointing", "--fp8"]),
     "unsloth-trl-padding-free": ("trl", 12, ["--no-checkpointing"]),  # batch 32, as the kit's 80 GiB plan
     "unsloth-trl-padding-free-recompute": ("trl", 12, []),            # the peer of the kit's 24 GiB plan
     "kit-24gib": ("kit", 40, ["model.gpu_memory_gib=24"]),   # recompute for as few layers as fit
+    "kit-24gib-fp8": ("kit", 40, ["model.gpu_memory_gib=24", "model.load_in_fp8=true", "model.load_in_4bit=false"]),
     "kit-24gib-all-layers": ("kit", 40, ["model.gpu_memory_gib=24", "train.gradient_checkpointing=true"]),
     "kit-8gib": ("kit", 12, ["model.gpu_memory_gib=8"]),
     "kit-length-grouped-padded": ("kit", 40, ["model.gpu_memory_gib=80", "train.padding_free=false",
@@ -414,6 +419,7 @@ def main() -> None:
         s.add_argument("--ragged", action="store_true", help="direct: rows 60-100%% real, right-padded")
         s.add_argument("--seq", type=int, default=2048)
         s.add_argument("--no-checkpointing", action="store_true")
+        s.add_argument("--fp8", action="store_true", help="direct, trl: Unsloth's FP8 base (load_in_fp8) for NF4")
         s.add_argument("--batch", type=int, default=32, help="trl: rows a step (padding-free, one pass)")
     lc = sub.add_parser("long")
     lc.add_argument("--work", default="/tmp/kitlong")

@@ -177,7 +177,7 @@ def test_max_context_is_the_longest_example_the_budget_holds(capsys):
     from kit.recipes import llama31_sft
     from kit.train.memory import base_model_config, estimate, max_context
     model = base_model_config("random:8b", network=False)
-    kw = dict(load_in_4bit=True, lora_r=16, targets=load_config(None).target_modules, optim="adamw_torch")
+    kw = dict(quantization="nf4", lora_r=16, targets=load_config(None).target_modules, optim="adamw_torch")
     tokens, at = max_context(model, 24, pairs=False, reference=False, **kw)
     assert 65536 < tokens < 131072 and at.tokens == tokens and at.checkpointing and not at.tiled_mlp
     assert at.total_gib <= usable(24) < estimate(model, tokens=tokens + 1, checkpointing=True, **kw).total_gib
@@ -205,6 +205,19 @@ def test_max_context_is_the_longest_example_the_budget_holds(capsys):
     assert "not even a one-token example fits" in capsys.readouterr().err
 
 
+def test_fp8_base_weighs_a_byte_a_linear_weight():
+    # Unsloth direct, 8 x 2,048 rows, no recompute, H200: peak 66.43 GiB on NF4, 69.64 on FP8 (docs/benchmarks.md)
+    from kit.train.memory import base_model_config, estimate
+    common = dict(lora_r=16, targets=load_config(None).target_modules, optim="adamw_torch", tokens=16384,
+                  checkpointing=False)
+    model = base_model_config("random:8b", network=False)
+    nf4, fp8, full = (estimate(model, quantization=q, **common).weights_gib for q in ("nf4", "fp8", "16-bit"))
+    assert nf4 < fp8 < full and abs((fp8 - nf4) / (69.64 - 66.43) - 1) < 0.1
+    # the 3 GiB more of weights leave less room for kept layers at 24 GiB
+    fp8_plan = _plan(["model.gpu_memory_gib=24", "model.load_in_fp8=true", "model.load_in_4bit=false"])
+    assert 0 < fp8_plan.kept_layers < _plan(["model.gpu_memory_gib=24"]).kept_layers and fp8_plan.memory.fits
+
+
 def test_a_plan_that_ran_out_of_a_capped_8_gib_does_not_fit_it():
     # 2 x 16 padded rows (4,080 tokens) with recompute, estimated 7.2 GiB, died under an 8 GiB cap with
     # 7.76 GiB allocated and 0.24 reserved by the caching allocator
@@ -214,7 +227,7 @@ def test_a_plan_that_ran_out_of_a_capped_8_gib_does_not_fit_it():
 
 def _estimate(tokens, checkpointing, tiled_mlp=False, kept_layers=0):
     from kit.train.memory import base_model_config, estimate
-    return estimate(base_model_config("random:8b", network=False), load_in_4bit=True, lora_r=16,
+    return estimate(base_model_config("random:8b", network=False), quantization="nf4", lora_r=16,
                     targets=load_config(None).target_modules, optim="adamw_torch", tokens=tokens,
                     checkpointing=checkpointing, tiled_mlp=tiled_mlp, kept_layers=kept_layers)
 

@@ -152,6 +152,19 @@ def test_cuda_only_settings_refused_on_cpu():
     check_device(load_config(None, ["train.optim=paged_adamw_8bit"]), cuda=True, bf16_ok=True)
 
 
+def test_fp8_base_is_refused_where_it_cannot_train():
+    fp8 = ["model.load_in_fp8=true", "model.load_in_4bit=false"]
+    with pytest.raises(ConfigError, match="needs a CUDA GPU with FP8 matmuls"):
+        check_device(load_config(None, fp8), cuda=False, bf16_ok=False)
+    with pytest.raises(ConfigError, match="this GPU has no FP8 matmuls"):  # an A100
+        check_device(load_config(None, fp8), cuda=True, bf16_ok=True, fp8_ok=False)
+    check_device(load_config(None, fp8), cuda=True, bf16_ok=True, fp8_ok=True)
+    with pytest.raises(ConfigError) as e:  # every problem at once, each with its setting
+        load_config(None, ["model.load_in_fp8=true", "model.backend=hf"])
+    assert "Add model.load_in_4bit=false" in str(e.value) and "model.backend=unsloth" in str(e.value)
+    assert load_config(None, fp8).model.quantization == "fp8" and load_config(None).model.quantization == "nf4"
+
+
 def test_missing_recipe_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

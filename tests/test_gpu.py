@@ -77,3 +77,27 @@ def test_kept_layers_are_not_recomputed(tmp_path, tiny_base):
                          timeout=600)
     calls = [line.split(" ", 2)[1:] for line in out.stdout.splitlines() if line.startswith("calls ")]
     assert calls == [["0", "[2, 2]"], ["1", "[2, 1]"]], out.stdout[-2000:] + out.stderr[-2000:]
+
+
+@pytest.mark.xfail(strict=True, reason="Unsloth's FP8 base misses the bar on SmolLM2: 3.7% above bf16 at step 1, "
+                   "102% at step 171 (docs/benchmarks.md); model.load_in_fp8 stays off by default until this passes")
+def test_fp8_base_follows_the_bf16_base(tmp_path):
+    # the bar for an FP8 path (issue 28): its loss within 1% of the bf16 path's at every logged step over 200 steps
+    # on the real small model; the same rows in the same order, the base in bf16 or quantized to FP8 with a scale a row
+    import torch
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("FP8 training needs a Hopper or newer GPU")
+    losses = {}
+    for name, base in (("bf16", []), ("fp8", ["model.load_in_fp8=true"])):
+        run_recipe(["--config", "smollm2", f"run.output_dir={tmp_path}", f"run.name={name}", "train.max_steps=200",
+                    "train.logging_steps=1", "train.eval_strategy=no", "train.save_strategy=no",
+                    "train.sample_prompts=0", *base], cwd=tmp_path)
+        run_dir = tmp_path / name
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+        assert json.loads((run_dir / "manifest.json").read_text())["result"]["quantization"] == name.replace(
+            "bf16", "16-bit")
+    assert len(losses["fp8"]) == len(losses["bf16"]) == 200 and losses["fp8"][-1] < losses["fp8"][0] / 2
+    worst = max(abs(a / b - 1) for a, b in zip(losses["fp8"], losses["bf16"]))
+    print(f"fp8 against bf16: worst step {worst:.2%}")
+    assert worst < 0.01

@@ -32,6 +32,13 @@ class ModelConfig:
     """auto: Unsloth (fast kernels on CUDA, its CPU fallback elsewhere); hf: transformers + PEFT."""
     load_in_4bit: bool = True
     """QLoRA: quantize the frozen base to 4-bit NF4 with bitsandbytes (needs CUDA)."""
+    load_in_fp8: bool = False
+    """Train on an FP8 base instead (Unsloth's load_in_fp8, with model.load_in_4bit=false): the frozen linear
+    layers quantized once to FP8 with a scale a row (torchao; the copy is kept in the temp folder for the next
+    run), their forward matmuls in FP8, the LoRA path and the backward in bf16. Needs a Hopper or newer GPU
+    (compute capability 9.0) and the Unsloth backend. 1 byte a weight against NF4's 0.5. Off by default: on an
+    H200 the kit's padding-free step was slower on it than on NF4 (Unsloth's dense full rows 1.17x faster), and
+    SmolLM2's loss drifted from the bf16 base's by more than 1% (docs/benchmarks.md)."""
     max_seq_length: int = 2048
     """Longest training sequence in tokens; longer examples are truncated or dropped (data.overlong)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -41,6 +48,11 @@ class ModelConfig:
     gpu_memory_gib: Optional[float] = None
     """GPU memory budget in GiB; default: the card's. A smaller budget caps the process there (torch's
     per-process memory fraction), as on a smaller card, and train.gradient_checkpointing=auto decides by it."""
+
+    @property
+    def quantization(self) -> Literal["nf4", "fp8", "16-bit"]:
+        """The frozen base's linear layers as trained."""
+        return "fp8" if self.load_in_fp8 else "nf4" if self.load_in_4bit else "16-bit"
 
     @property
     def random_shape(self) -> Optional[str]:
@@ -62,6 +74,9 @@ def issues(m: ModelConfig) -> Iterator[Issue]:
     if not 16 <= m.max_seq_length <= MAX_POSITIONS:
         yield Issue("model.max_seq_length", f"model.max_seq_length={m.max_seq_length}: use 16..{MAX_POSITIONS} "
                     "(the guide: 512-4096 for chat fine-tuning).")
+    if m.load_in_fp8 and m.load_in_4bit:
+        yield Issue("model.load_in_fp8", "model.load_in_fp8=true with model.load_in_4bit=true: the frozen base is "
+                    "quantized one way. Add model.load_in_4bit=false to train on the FP8 base, or drop load_in_fp8.")
     if m.random_seed not in SEEDS:
         yield Issue("model.random_seed", f"model.random_seed={m.random_seed}: use 0..{SEEDS[-1]}.")
     if m.gpu_memory_gib is not None and not 1 <= m.gpu_memory_gib <= 4096:

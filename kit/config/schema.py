@@ -67,6 +67,9 @@ def _combination_issues(cfg: Config) -> Iterator[Issue]:
         yield Issue("train.padding_free", "train.padding_free=true with model.backend=hf: transformers' SDPA "
                     "attention would let the concatenated examples attend to each other. Use model.backend=unsloth "
                     "or padding_free=false.")
+    if cfg.model.load_in_fp8 and cfg.model.backend == "hf":
+        yield Issue("model.load_in_fp8", "model.load_in_fp8=true with model.backend=hf: the FP8 matmuls that train "
+                    "(with a backward) are Unsloth's. Use model.backend=unsloth (or auto).")
     if t.tiled_mlp is True and cfg.model.backend == "hf":
         yield Issue("train.tiled_mlp", "train.tiled_mlp=true with model.backend=hf: the tiled MLP is Unsloth's. Use "
                     "model.backend=unsloth, or train.tiled_mlp=auto.")
@@ -78,8 +81,9 @@ def validation_issues(cfg: Config) -> list[Issue]:
             *export.issues(cfg.export), *run.issues(cfg.run), *_combination_issues(cfg)]
 
 
-def check_device(cfg: Config, cuda: bool, bf16_ok: bool) -> None:
-    """Combinations that depend on the hardware; still before any weights load."""
+def check_device(cfg: Config, cuda: bool, bf16_ok: bool, fp8_ok: bool = False) -> None:
+    """Combinations that depend on the hardware (`fp8_ok`: FP8 matmuls, Hopper or newer); still before any
+    weights load."""
     t, m = cfg.train, cfg.model
     problems = []
     if not cuda:
@@ -89,6 +93,9 @@ def check_device(cfg: Config, cuda: bool, bf16_ok: bool) -> None:
         if m.load_in_4bit:
             problems.append("model.load_in_4bit=true (QLoRA) needs a CUDA GPU and none is present. "
                             "Use model.load_in_4bit=false on this machine.")
+        if m.load_in_fp8:
+            problems.append("model.load_in_fp8=true needs a CUDA GPU with FP8 matmuls (Hopper or newer) and none "
+                            "is present. Use model.load_in_fp8=false on this machine.")
         if m.precision == "fp16":
             problems.append("model.precision=fp16 needs a CUDA GPU; use auto, bf16 or fp32 on CPU.")
         if t.packing:
@@ -104,9 +111,14 @@ def check_device(cfg: Config, cuda: bool, bf16_ok: bool) -> None:
             problems.append("train.method=dpo with model.backend=hf on CPU: TRL's DPO computes its log-probabilities "
                             "with a Triton kernel (its fused LM head) that needs a GPU. Use model.backend=auto "
                             "(Unsloth's CPU path replaces that kernel) on this machine.")
-    elif m.precision == "bf16" and not bf16_ok:
-        problems.append("model.precision=bf16: this GPU does not support bf16 (Ampere or newer does); use "
-                        "precision=fp16 (with loss scaling) or auto.")
+    else:
+        if m.precision == "bf16" and not bf16_ok:
+            problems.append("model.precision=bf16: this GPU does not support bf16 (Ampere or newer does); use "
+                            "precision=fp16 (with loss scaling) or auto.")
+        if m.load_in_fp8 and not fp8_ok:
+            problems.append("model.load_in_fp8=true: this GPU has no FP8 matmuls for Unsloth's FP8 training "
+                            "(Hopper, compute capability 9.0, or newer has). Use model.load_in_4bit=true "
+                            "(QLoRA) and load_in_fp8=false.")
     if problems:
         raise ConfigError(*problems)
 

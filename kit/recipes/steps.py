@@ -182,9 +182,9 @@ def launch(cfg: Config, devices: int, argv: list[str], module: str) -> None:
 
 def plan_without_data(cfg: Config, examples: int, devices: int = 1) -> Plan:
     """--plan --examples N: the step arithmetic, and the GPU memory for the worst case (no data read).
-    A 4-bit model or a memory budget means the plan is for a CUDA GPU."""
+    A quantized base or a memory budget means the plan is for a CUDA GPU."""
     steps = make_plan(cfg, examples, devices=devices)
-    cuda = cfg.model.load_in_4bit or cfg.model.gpu_memory_gib is not None
+    cuda = cfg.model.quantization != "16-bit" or cfg.model.gpu_memory_gib is not None
     how = execution(cfg, None, cuda=cuda, card_gib=None, steps=steps.total_steps, devices=devices)
     return dataclasses.replace(steps, execution=how)
 

@@ -27,6 +27,8 @@ class Device:
     """bf16 matmuls supported."""
     memory_gib: Optional[float] = None
     """The GPU's memory (None on CPU)."""
+    fp8: bool = False
+    """FP8 matmuls for Unsloth's FP8 training (compute capability 9.0, Hopper, or newer)."""
 
     @property
     def cuda(self) -> bool:
@@ -54,7 +56,8 @@ def detect_device(index: int = 0) -> Device:
     import torch
     if torch.cuda.is_available():
         return Device("cuda", torch.cuda.get_device_name(index), torch.cuda.is_bf16_supported(),
-                      torch.cuda.get_device_properties(index).total_memory / 2**30)
+                      torch.cuda.get_device_properties(index).total_memory / 2**30,
+                      torch.cuda.get_device_capability(index) >= (9, 0))
     return Device("cpu", f"cpu ({torch.get_num_threads()} threads)", False)
 
 
@@ -75,7 +78,7 @@ def check_machine(cfg: Config, world: World) -> Device:
     if world.local_size > 1:
         check_processes(world.local_size, torch.cuda.device_count())
     device = detect_device(world.local_rank)
-    check_device(cfg, device.cuda, device.bf16)
+    check_device(cfg, device.cuda, device.bf16, device.fp8)
     return device
 
 

@@ -4,8 +4,8 @@ fastest), on when only that fits.
 
 What is counted (bytes; h hidden size, i intermediate size, L layers, T padded tokens of the largest
 micro-batch):
-- frozen weights: the linear layers in 4-bit NF4 (0.5 byte a parameter plus 1/64 for the block scales)
-  or 16-bit; embeddings, LM head and norms in 16-bit;
+- frozen weights: the linear layers in 4-bit NF4 (0.5 byte a parameter plus 1/64 for the block scales),
+  FP8 (1 byte; a scale a row) or 16-bit; embeddings, LM head and norms in 16-bit;
 - LoRA: each trainable parameter with its gradient and the two AdamW moments, 16 bytes (4 with an 8-bit
   optimizer's moments);
 - activations: without checkpointing 2 * (8h + 2i) bytes a token a layer (the inputs saved for the
@@ -56,7 +56,7 @@ RESERVE = 0.15   # of a budget: the caching allocator's unused reserved blocks c
 LOSS_TILE_ROWS, LOSS_TILE_COLS = 4096, 16384
 RECOMPUTE_HIDDEN_BYTES = 15   # a token, per hidden unit, beside the recomputed layer's working set (fitted)
 RECOMPUTE_BUFFERS_GIB = 0.25  # with checkpointing, whatever the length (fitted)
-LINEAR_4BIT_BYTES = 0.5 + 1 / 64
+LINEAR_BYTES = {"nf4": 0.5 + 1 / 64, "fp8": 1, "16-bit": 2}  # a parameter, by ModelConfig.quantization
 LORA_BYTES = {"adamw_torch": 16, "adafactor": 12, "adamw_8bit": 10, "paged_adamw_8bit": 10,
               "paged_adamw_32bit": 16}
 
@@ -105,7 +105,7 @@ def weights_gib(model: dict, linear_bytes: float) -> float:
     return (linear * linear_bytes + embeddings * 2) / GIB
 
 
-def estimate(model: dict, *, load_in_4bit: bool, lora_r: int, targets: list[str], optim: str, tokens: int,
+def estimate(model: dict, *, quantization: str, lora_r: int, targets: list[str], optim: str, tokens: int,
              checkpointing: bool, reference: bool = False, tiled_mlp: bool = False,
              kept_layers: int = 0) -> MemoryEstimate:
     """`model`: the base model's config.json; `reference`: a reference forward runs beside the policy's (DPO);
@@ -113,7 +113,7 @@ def estimate(model: dict, *, load_in_4bit: bool, lora_r: int, targets: list[str]
     h, i, vocab = model["hidden_size"], model["intermediate_size"], model["vocab_size"]
     layers = model["num_hidden_layers"]
     proj = projection_shapes(model)
-    weights = weights_gib(model, LINEAR_4BIT_BYTES if load_in_4bit else 2) * GIB
+    weights = weights_gib(model, LINEAR_BYTES[quantization]) * GIB
     lora = sum(lora_r * sum(proj[t]) for t in targets) * layers * LORA_BYTES[optim]
     layer = 2 * (8 * h + 2 * i)  # a token: one layer's inputs saved for its backward
     tiled_mlp = tiled_mlp and checkpointing

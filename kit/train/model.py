@@ -35,9 +35,11 @@ def _load_unsloth(cfg: Config, path: str, dtype, backend: Backend, checkpointing
     fast_language_model = backend.unsloth.FastLanguageModel
     # one process keeps Unsloth's own placement (as measured); under DDP each rank's copy goes on its own GPU
     placement = {"device_map": backend.device_map} if backend.world.size > 1 else {}
+    fp8 = {"load_in_fp8": True} if m.load_in_fp8 else {}  # a CUDA-only argument: Unsloth's CPU loader refuses it
     model, _ = fast_language_model.from_pretrained(
         model_name=path, max_seq_length=m.max_seq_length, dtype=dtype, load_in_4bit=m.load_in_4bit,
-        token=env.hf_token(), revision=m.revision, use_exact_model_name=True, unsloth_tiled_mlp=tiled_mlp, **placement)
+        token=env.hf_token(), revision=m.revision, use_exact_model_name=True, unsloth_tiled_mlp=tiled_mlp,
+        **fp8, **placement)
     extra = {"use_dora": True} if cfg.lora.use_dora else {}
     if checkpointing and kept_layers:  # these layers keep their activations: no recompute for them
         extra["checkpoint_skip_layers"] = kept_layers

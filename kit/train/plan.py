@@ -207,7 +207,7 @@ def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib
             checkpointing = requested if requested is not None else cuda  # shape unknown: the safe choice
             return Execution(sampling, batch, accum, padding_free, checkpointing, largest, exact,
                              tiled_mlp=bool(tiled and checkpointing))
-        memory = choose(model, m.gpu_memory_gib or card_gib, requested, tiled, load_in_4bit=m.load_in_4bit,
+        memory = choose(model, m.gpu_memory_gib or card_gib, requested, tiled, quantization=m.quantization,
                         lora_r=cfg.lora.r, targets=cfg.target_modules, optim=t.optim, tokens=largest,
                         reference=t.method == "dpo")
         if memory.fits:
@@ -231,7 +231,7 @@ def longest_example(cfg: Config, card_gib: Optional[float]) -> str:
     if model is None:
         raise ConfigError(f"model.name={m.name}: its config.json cannot be read here, so its memory cannot be "
                           "estimated; give a model folder, a GGUF file or a Hub id this machine can reach.")
-    kw = dict(pairs=t.method != "sft", load_in_4bit=m.load_in_4bit, lora_r=cfg.lora.r, targets=cfg.target_modules,
+    kw = dict(pairs=t.method != "sft", quantization=m.quantization, lora_r=cfg.lora.r, targets=cfg.target_modules,
               optim=t.optim, reference=t.method == "dpo")
     tokens, at = max_context(model, budget, tiled_mlp=False, **kw)
     whole = ""
@@ -243,7 +243,8 @@ def longest_example(cfg: Config, card_gib: Optional[float]) -> str:
     if tokens == 0:
         raise ConfigError(f"model.gpu_memory_gib={budget:g}: not even a one-token example fits "
                           f"({usable(budget):.1f} GiB usable, ~{at.total_gib:.1f} GiB needed); use a larger GPU"
-                          + ("" if m.load_in_4bit else ", model.load_in_4bit=true") + " or a smaller lora.r.")
+                          + ("" if m.quantization == "nf4" else ", model.load_in_4bit=true (QLoRA)")
+                          + " or a smaller lora.r.")
     what = "pair (each of its two rows)" if t.method != "sft" else "example"
     cap = " (the longest model.max_seq_length; the memory would allow more)" if tokens == context_cap(model) else ""
     return (f"longest {what} at {budget:g} GiB: {tokens:,} tokens{cap}{whole}\n"

