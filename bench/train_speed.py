@@ -11,6 +11,7 @@ Unsloth row and the best one that fits its model.gpu_memory_gib (docs/benchmarks
     python bench/train_speed.py kit --work W --label two --steps 20 --devices 2 train.gradient_accumulation_steps=2
     python bench/train_speed.py direct --work W [--shape 4x2048 ...] [--no-checkpointing]   # Unsloth called directly
     python bench/train_speed.py trl --work W [--batch 32] [--no-checkpointing]   # Unsloth in TRL, padding-free
+    add --fp8 to `direct` or `trl`: Unsloth's FP8 base (load_in_fp8) in place of NF4 (Hopper or newer)
     add --profile N to `kit` or `direct`: torch.profiler over optimizer step N+1, where time went
     python bench/train_speed.py long --work W [--lengths 32768 65536 98304 131072] [--budget 24] [--whole 65536 81360]
         the long-context table: one example of each length a step, 2 steps, at model.gpu_memory_gib=BUDGET with
