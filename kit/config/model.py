@@ -77,6 +77,9 @@ def issues(m: ModelConfig) -> Iterator[Issue]:
     if m.load_in_fp8 and m.load_in_4bit:
         yield Issue("model.load_in_fp8", "model.load_in_fp8=true with model.load_in_4bit=true: the frozen base is "
                     "quantized one way. Add model.load_in_4bit=false to train on the FP8 base, or drop load_in_fp8.")
+    if m.load_in_fp8 and m.backend == "hf":
+        yield Issue("model.load_in_fp8", "model.load_in_fp8=true with model.backend=hf: the FP8 matmuls that train "
+                    "(with a backward) are Unsloth's. Use model.backend=unsloth (or auto).")
     if m.random_seed not in SEEDS:
         yield Issue("model.random_seed", f"model.random_seed={m.random_seed}: use 0..{SEEDS[-1]}.")
     if m.gpu_memory_gib is not None and not 1 <= m.gpu_memory_gib <= 4096:

@@ -67,9 +67,6 @@ def _combination_issues(cfg: Config) -> Iterator[Issue]:
         yield Issue("train.padding_free", "train.padding_free=true with model.backend=hf: transformers' SDPA "
                     "attention would let the concatenated examples attend to each other. Use model.backend=unsloth "
                     "or padding_free=false.")
-    if cfg.model.load_in_fp8 and cfg.model.backend == "hf":
-        yield Issue("model.load_in_fp8", "model.load_in_fp8=true with model.backend=hf: the FP8 matmuls that train "
-                    "(with a backward) are Unsloth's. Use model.backend=unsloth (or auto).")
     if t.tiled_mlp is True and cfg.model.backend == "hf":
         yield Issue("train.tiled_mlp", "train.tiled_mlp=true with model.backend=hf: the tiled MLP is Unsloth's. Use "
                     "model.backend=unsloth, or train.tiled_mlp=auto.")

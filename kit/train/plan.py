@@ -243,7 +243,8 @@ def longest_example(cfg: Config, card_gib: Optional[float]) -> str:
     if tokens == 0:
         raise ConfigError(f"model.gpu_memory_gib={budget:g}: not even a one-token example fits "
                           f"({usable(budget):.1f} GiB usable, ~{at.total_gib:.1f} GiB needed); use a larger GPU"
-                          + ("" if m.quantization == "nf4" else ", model.load_in_4bit=true (QLoRA)")
+                          + ("" if m.quantization == "nf4" else
+                             ", model.load_in_4bit=true model.load_in_fp8=false (QLoRA)")
                           + " or a smaller lora.r.")
     what = "pair (each of its two rows)" if t.method != "sft" else "example"
     cap = " (the longest model.max_seq_length; the memory would allow more)" if tokens == context_cap(model) else ""
