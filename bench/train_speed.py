@@ -14,8 +14,10 @@ Unsloth row and the best one that fits its model.gpu_memory_gib (docs/benchmarks
     add --fp8 to `direct` or `trl`: Unsloth's FP8 base (load_in_fp8) in place of NF4 (Hopper or newer)
     add --profile N to `kit` or `direct`: torch.profiler over optimizer step N+1, where time went
     python bench/train_speed.py long --work W [--lengths 32768 65536 98304 131072] [--budget 24] [--whole 65536 81360]
-        the long-context table: one example of each length a step, 2 steps, at model.gpu_memory_gib=BUDGET with
-        checkpointing and train.tiled_mlp=auto (--whole: these lengths also with the MLP whole); peak vs estimate
+        the long-context table: one example of each length a step, 2 steps (--steps), at model.gpu_memory_gib=BUDGET
+        with checkpointing and train.tiled_mlp=auto (--whole: these lengths also with the MLP whole); GPU peak vs
+        estimate, and the process's resident memory beside the offloaded checkpoints' estimate
+    python bench/train_speed.py long --work W --budget 80 --lengths 262144 411000 --steps 1   # past 131,072
 
 Steady state = real (non-padding) tokens between the first logged step >= 2 and the last one, over the
 time between them; the figure "with warm-up" counts the whole run. Peak = torch.cuda.max_memory_allocated
@@ -174,7 +176,8 @@ def run_kit(a, overrides: list[str]) -> dict:
     res = read_manifest(run)["result"]
     return {"label": a.label, "overrides": overrides, **steady(metrics), "run_tokens_per_s": round(res["tokens_per_s"]),
             "peak_gib": round(res["peak_gib"], 2),
-            "estimate_gib": res["estimate_gib"], "batches": res["batches"], "attention": res["attention"],
+            "estimate_gib": res["estimate_gib"], "host_peak_gib": round(res["host_peak_gib"], 2),
+            "host_estimate_gib": res["host_estimate_gib"], "batches": res["batches"], "attention": res["attention"],
             "loss_kernel": res["loss_kernel"], "steps": res["steps"],
             "losses": [[m["step"], round(m["loss"], 4)] for m in metrics if "loss" in m]}
 
@@ -325,6 +328,8 @@ TABLE = {  # label: (kind, optimizer steps, extra arguments: recipe overrides fo
     "kit-24gib": ("kit", 40, ["model.gpu_memory_gib=24"]),   # recompute for as few layers as fit
     "kit-24gib-fp8": ("kit", 40, ["model.gpu_memory_gib=24", "model.load_in_fp8=true", "model.load_in_4bit=false"]),
     "kit-24gib-all-layers": ("kit", 40, ["model.gpu_memory_gib=24", "train.gradient_checkpointing=true"]),
+    # no recompute at 24 GiB: the plan splits each step into 8 passes of 4 (largest 2,499 tokens)
+    "kit-24gib-no-recompute": ("kit", 40, ["model.gpu_memory_gib=24", "train.gradient_checkpointing=false"]),
     "kit-8gib": ("kit", 12, ["model.gpu_memory_gib=8"]),
     "kit-length-grouped-padded": ("kit", 40, ["model.gpu_memory_gib=80", "train.padding_free=false",
                                               "train.train_sampling_strategy=group_by_length"]),
@@ -371,9 +376,11 @@ def print_table(rows: list[dict]) -> None:
 
 
 def long_table(a, overrides: list[str]) -> None:
-    """Each length as one example a step (2 steps) under a.budget GiB, the MLP as the plan picks it and, for
-    a.whole, whole: the recipe's peak against its estimate, one child process a row."""
+    """Each length as one example a step (a.steps steps) under a.budget GiB, the MLP as the plan picks it and,
+    for a.whole, whole: the recipe's GPU peak against its estimate, and the process's peak resident memory against
+    the offloaded checkpoints' estimate, one child process a row."""
     work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
     model = a.model or str(prepare(work, a.rows)[1])
     data = work / f"long-{max(a.lengths + a.whole)}.jsonl"
     if not data.exists():
@@ -382,14 +389,14 @@ def long_table(a, overrides: list[str]) -> None:
     for tokens, tiled in [(t, "auto") for t in a.lengths] + [(t, "false") for t in a.whole]:
         label = f"long-{tokens}-{tiled}"
         res = child(work, "kit", "--work", str(work), "--label", label, "--model", model, "--data", str(data),
-                    "--steps", "2", f"model.max_seq_length={tokens}", f"model.gpu_memory_gib={a.budget:g}",
+                    "--steps", str(a.steps), f"model.max_seq_length={tokens}", f"model.gpu_memory_gib={a.budget:g}",
                     "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=1",
                     "train.gradient_checkpointing=true", f"train.tiled_mlp={tiled}", "train.sample_prompts=0",
                     "data.eval_ratio=0", *overrides)
         print(json.dumps(res), flush=True)
         rows.append((tokens, res))
     print(f"\n{'tokens':>8} {'MLP':>6} {'peak GiB':>9} {'estimate':>8} {'error':>7} {'tokens/s':>9}"  # with warm-up
-          f"  (model.gpu_memory_gib={a.budget:g})")
+          f" {'host RSS':>9} {'offloaded':>9}  (model.gpu_memory_gib={a.budget:g})")
     for tokens, r in rows:
         if "peak_gib" not in r:
             print(f"{tokens:>8} {'-':>6} {r.get('error', 'no result')}")
@@ -397,7 +404,9 @@ def long_table(a, overrides: list[str]) -> None:
         mlp = "tiled" if "MLP tiled" in r["batches"] else "whole"
         est = r["estimate_gib"]
         estimate, error = (f"{est:.2f}", f"{est / r['peak_gib'] - 1:+.1%}") if est else ("-", "-")
-        print(f"{tokens:>8} {mlp:>6} {r['peak_gib']:>9} {estimate:>8} {error:>7} {r['run_tokens_per_s']:>9}")
+        host = r["host_estimate_gib"]
+        print(f"{tokens:>8} {mlp:>6} {r['peak_gib']:>9} {estimate:>8} {error:>7} {r['run_tokens_per_s']:>9} "
+              f"{r['host_peak_gib']:>9} {f'{host:.2f}' if host else '-':>9}")
 
 
 def main() -> None:
@@ -429,6 +438,8 @@ def main() -> None:
     lc.add_argument("--lengths", nargs="+", type=int, default=[32768, 65536, 98304, 131072])
     lc.add_argument("--whole", nargs="*", type=int, default=[], help="these lengths also with train.tiled_mlp=false")
     lc.add_argument("--budget", type=float, default=24, help="model.gpu_memory_gib")
+    lc.add_argument("--steps", type=int, default=2, help="optimizer steps a length (past 131,072 tokens a step takes "
+                    "minutes: attention grows with the square of the length)")
     a, rest = p.parse_known_args()
     if a.cmd == "data":
         print(json.dumps(make_data(a.out, a.rows)))

@@ -187,7 +187,12 @@ def test_max_context_is_the_longest_example_the_budget_holds(capsys):
                                                        **kw).total_gib
     pair, _ = max_context(model, 24, pairs=True, reference=True, **kw)  # two rows and a reference forward
     assert pair < tokens // 2
-    assert max_context(model, 80, pairs=False, reference=False, **kw)[0] == 131072  # Llama 3.1's context
+    # past Llama 3.1's 131,072 positions its llama3 RoPE trains as it is, up to 4 times them
+    whole_80, tiled_80 = (max_context(model, 80, pairs=False, reference=False, tiled_mlp=t, **kw)[0] for t in (0, 1))
+    assert 131072 < whole_80 < tiled_80 < 4 * 131072 and tiled_80 > 411000  # the issue's 1.2x Unsloth's 342,733
+    assert max_context(model, 200, pairs=False, reference=False, **kw)[0] == 4 * 131072
+    short = {**model, "max_position_embeddings": 8192, "rope_scaling": {"rope_type": "default"}}  # SmolLM2's RoPE
+    assert max_context(short, 80, pairs=False, reference=False, **kw)[0] == 8192
 
     assert llama31_sft.main(["--plan", "--max-context", "model.name=random:8b", "model.gpu_memory_gib=24"]) == 0
     out = capsys.readouterr().out
@@ -197,6 +202,12 @@ def test_max_context_is_the_longest_example_the_budget_holds(capsys):
                              "train.tiled_mlp=false"]) == 0
     out = capsys.readouterr().out
     assert f"longest example at 24 GiB: {tokens:,} tokens\n" in out and "tiled" not in out
+    assert llama31_sft.main(["--plan", "--max-context", "model.name=random:8b", "model.gpu_memory_gib=80"]) == 0
+    out = capsys.readouterr().out
+    assert f"longest example at 80 GiB: {tiled_80:,} tokens; {whole_80:,} with the MLP whole; past the base's " \
+           "131,072 positions" in out
+    host = estimate(model, tokens=tiled_80, checkpointing=True, tiled_mlp=True, **kw).host_gib
+    assert f"host memory  ~{host:.1f} GiB pinned for the offloaded checkpoints" in out
     assert llama31_sft.main(["--plan", "--max-context", "model.name=random:8b"]) == 2  # no GPU here, no budget
     assert "set model.gpu_memory_gib" in capsys.readouterr().err
     assert llama31_sft.main(["--max-context", "model.name=random:8b", "model.gpu_memory_gib=24"]) == 2
@@ -231,3 +242,43 @@ def _estimate(tokens, checkpointing, tiled_mlp=False, kept_layers=0):
                     targets=load_config(None).target_modules, optim="adamw_torch", tokens=tokens,
                     checkpointing=checkpointing, tiled_mlp=tiled_mlp, kept_layers=kept_layers)
 
+
+
+def test_offloaded_checkpoints_are_counted_in_host_memory():
+    # each recomputed layer's input, 2 bytes a hidden unit a token, waits in a pinned CPU buffer of its own
+    assert _estimate(131072, True).host_gib == 32 * 131072 * 4096 * 2 / 2**30 == 32
+    assert _estimate(131072, True, kept_layers=7).host_gib == 25
+    assert _estimate(14757, False).host_gib == 0
+    at_24 = _plan(["model.gpu_memory_gib=24"])
+    assert at_24.host_gib is None and at_24.host_fits and 0 < at_24.kept_layers < 32
+    host = (32 - at_24.kept_layers) * at_24.largest_micro_batch * 8192 / 2**30
+    assert dict(at_24.rows())["host memory"] == f"~{host:.1f} GiB pinned for the offloaded checkpoints"
+    from kit.train.plan import execution
+    cfg = load_config("llama31_sft", LLAMA8B + ["model.gpu_memory_gib=24"])
+    lengths = [len(e["input_ids"]) for e in _examples(400)]
+    small = execution(cfg, lengths, cuda=True, card_gib=79.2, steps=12, host_gib=1.0)
+    assert not small.host_fits and "DOES NOT FIT this machine's 1 GiB" in dict(small.rows())["host memory"]
+    assert execution(cfg, lengths, cuda=True, card_gib=79.2, steps=12, host_gib=64.0).host_fits
+    assert "host memory" not in dict(_plan([]).rows())  # no recompute, nothing offloaded
+
+
+def test_sequences_past_the_bases_positions_are_refused_unless_its_rope_widens(capsys, tmp_path):
+    from kit.recipes import llama31_sft
+    plan = ["--plan", "--examples", "100"]
+    # SmolLM2 (8,192 positions, a plain RoPE): Unsloth would stretch it for training only
+    assert llama31_sft.main([*plan, "--config", "smollm2", "model.max_seq_length=16384"]) == 2
+    err = capsys.readouterr().err
+    assert "past the 8,192 positions of kit:smollm2" in err and "Use model.max_seq_length=8192 or less" in err
+    # a training run stops before its run directory, its data or its weights
+    assert llama31_sft.main(["--config", "smollm2", "model.max_seq_length=16384", f"run.output_dir={tmp_path}"]) == 2
+    assert "past the 8,192 positions" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    assert llama31_sft.main([*plan, "--config", "smollm2", "model.max_seq_length=8192"]) == 0
+    capsys.readouterr()
+    # Llama 3.1's llama3 RoPE trains past its 131,072 positions, to 4 times them
+    one = ["train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=1", "model.gpu_memory_gib=80"]
+    assert llama31_sft.main([*plan, *one, "model.name=random:8b", "model.max_seq_length=262144"]) == 0
+    out = capsys.readouterr().out
+    assert "largest 262,144 tokens at most" in out and "budget 80 GiB\n" in out  # it fits
+    assert f"host memory             ~{31 * 262144 * 8192 / 2**30:.1f} GiB pinned" in out
+    assert llama31_sft.main([*plan, "model.name=random:8b", "model.max_seq_length=524289"]) == 2
+    assert "a Llama 3.x base trains on up to 524288" in capsys.readouterr().err

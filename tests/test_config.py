@@ -107,6 +107,7 @@ def test_every_problem_is_reported_at_once_with_its_file_line_or_override(tmp_pa
     ("lora.dropout=1.5", "0 <= dropout < 1"),
     ("model.precision=fp8", "not one of auto, bf16, fp16, fp32"),
     ("model.max_seq_length=4", "16..131072"),
+    ("model.max_seq_length=600000", "up to 524288, past its 131,072 positions"),
     ("lora.target_modules=[q_proj, embed_tokens]", "not Llama linear projections"),
 ])
 def test_wrong_types_and_ranges(override, expected):

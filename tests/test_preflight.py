@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kit.core.errors import AdapterError, PreflightError
 from kit.serve import launcher, preflight
@@ -55,6 +56,16 @@ def test_preflight_max_model_len(adapter_run):
     assert any("below the runs' max_seq_length" in n for n in preflight.check([adapter_run], max_model_len=128).notes)
     with pytest.raises(PreflightError, match="max_position_embeddings"):
         preflight.check([adapter_run], max_model_len=10**6)
+
+
+
+def test_a_run_trained_past_the_bases_positions_is_served_at_them(adapter_run):
+    run = adapter_run  # a copy of its own
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["max_seq_length"] = 262144  # the tiny base: Llama 3.1's 131,072 positions, its llama3 RoPE
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    p = preflight.check([run])
+    assert p.max_model_len == 131072 and any("past the base's 131,072 positions" in n for n in p.notes)
 
 
 def test_non_loopback_needs_api_key_which_never_reaches_argv(adapter_run, monkeypatch):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from kit.config.issue import SEEDS, Issue
-from kit.models.llama import MAX_POSITIONS
+from kit.models.llama import MAX_POSITIONS, ROPE_STRETCH
 from kit.models.template import CHOICES as CHAT_TEMPLATES
 from kit.models.tiny import SHAPES
 
@@ -40,7 +40,9 @@ class ModelConfig:
     H200 the kit's padding-free step was slower on it than on NF4 (Unsloth's dense full rows 1.17x faster), and
     SmolLM2's loss drifted from the bf16 base's by more than 1% (docs/benchmarks.md)."""
     max_seq_length: int = 2048
-    """Longest training sequence in tokens; longer examples are truncated or dropped (data.overlong)."""
+    """Longest training sequence in tokens; longer examples are truncated or dropped (data.overlong). At most the
+    base's positions (max_position_embeddings); a Llama 3.x base (its 'llama3' RoPE) up to 4 times them, which
+    Unsloth trains with the RoPE as it is (--plan --max-context: how long fits the GPU)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto: bf16 where the GPU supports it, else fp16 with loss scaling; fp32 on CPU."""
     random_seed: int = 0
@@ -71,9 +73,10 @@ def issues(m: ModelConfig) -> Iterator[Issue]:
     if m.chat_template not in CHAT_TEMPLATES:
         yield Issue("model.chat_template", f"model.chat_template='{m.chat_template}': use one of "
                     f"{', '.join(CHAT_TEMPLATES)}.")
-    if not 16 <= m.max_seq_length <= MAX_POSITIONS:
+    if not 16 <= m.max_seq_length <= MAX_POSITIONS * ROPE_STRETCH:
         yield Issue("model.max_seq_length", f"model.max_seq_length={m.max_seq_length}: use 16..{MAX_POSITIONS} "
-                    "(the guide: 512-4096 for chat fine-tuning).")
+                    "(the guide: 512-4096 for chat fine-tuning); a Llama 3.x base trains on up to "
+                    f"{MAX_POSITIONS * ROPE_STRETCH}, past its {MAX_POSITIONS:,} positions.")
     if m.load_in_fp8 and m.load_in_4bit:
         yield Issue("model.load_in_fp8", "model.load_in_fp8=true with model.load_in_4bit=true: the frozen base is "
                     "quantized one way. Add model.load_in_4bit=false to train on the FP8 base, or drop load_in_fp8.")

@@ -16,7 +16,7 @@ from pathlib import Path
 from kit.config.export import DIRECT, KQUANTS
 from kit.core.errors import ExportError, SetupError, install_extras
 from kit.models.families import FAMILIES
-from kit.models.llama import head_dim
+from kit.models.llama import head_dim, rope, widens
 from kit.models.template import chat_format
 
 
@@ -25,18 +25,12 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def rope(cfg: dict) -> tuple[float, dict]:
-    """(rope_theta, scaling dict) from a transformers 5 (rope_parameters) or 4 (rope_scaling) config."""
-    rs = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    return rs.get("rope_theta", cfg.get("rope_theta", 10000.0)), rs
-
-
 def llama3_rope_factors(cfg: dict):
     """The per-frequency scale llama.cpp reads from rope_freqs.weight for Llama 3.1's 'llama3' scaling."""
     import numpy as np
-    theta, rs = rope(cfg)
-    if rs.get("rope_type") != "llama3":
+    if not widens(cfg):
         return None
+    theta, rs = rope(cfg)
     dim = head_dim(cfg)
     freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     old, low, high, factor = (rs["original_max_position_embeddings"], rs["low_freq_factor"],

@@ -29,7 +29,7 @@ from kit.run import rundir
 from kit.run.rundir import RunDir, save_adapter
 from kit.train import distributed, report, trackers
 from kit.train.backend import Backend, activate, check_machine, detect_device
-from kit.train.plan import Plan, execution, longest_example, make_plan
+from kit.train.plan import Plan, check_context, execution, longest_example, make_plan
 
 if TYPE_CHECKING:
     from kit.train.trainer import Trained
@@ -95,6 +95,7 @@ def setup(cfg: Config, world: distributed.World) -> Setup:
     check_models(cfg)  # in seconds, where the Hub client would retry for a minute
     backend = activate(cfg, world)  # checks this machine, joins the other ranks, imports Unsloth before TRL
     base = distributed.main_first(world, base_model, cfg.model.name)
+    check_context(cfg)  # the base's config.json, now in the cache
     tokenizer = distributed.main_first(world, load_tokenizer, tokenizer_source(cfg, base), cfg.model.revision,
                                        cfg.model.chat_template, cfg.model.tokenizer or cfg.model.name)
     return Setup(backend, base, tokenizer, chat_format(tokenizer))
@@ -183,6 +184,7 @@ def launch(cfg: Config, devices: int, argv: list[str], module: str) -> None:
 def plan_without_data(cfg: Config, examples: int, devices: int = 1) -> Plan:
     """--plan --examples N: the step arithmetic, and the GPU memory for the worst case (no data read).
     A quantized base or a memory budget means the plan is for a CUDA GPU."""
+    check_context(cfg)
     steps = make_plan(cfg, examples, devices=devices)
     cuda = cfg.model.quantization != "16-bit" or cfg.model.gpu_memory_gib is not None
     how = execution(cfg, None, cuda=cuda, card_gib=None, steps=steps.total_steps, devices=devices)
@@ -213,8 +215,8 @@ def main(argv: Optional[list[str]], prog: str, recipe: str, methods: tuple[str, 
         if args.max_context:
             if not args.plan:
                 raise ConfigError("--max-context is a question for the plan: add --plan.")
-            card = None if cfg.model.gpu_memory_gib else detect_device().memory_gib
-            print(longest_example(cfg, card))
+            device = detect_device()
+            print(longest_example(cfg, None if cfg.model.gpu_memory_gib else device.memory_gib, device.host_gib))
         elif args.plan and args.examples is not None:
             print(plan_without_data(cfg, args.examples, devices).render())
         elif devices > world.size and not args.plan:

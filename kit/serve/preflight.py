@@ -125,9 +125,13 @@ def check(run_dirs: list[Path], merged: bool = False, base: Optional[str] = None
                              f"batch in CPU memory too; pass --max-cpu-loras {slots} or more.")
     trained_len = max((a.max_seq_length or 0) for a in adapters) or None
     limit = cfg.get("max_position_embeddings")
+    if max_model_len and limit and max_model_len > limit:
+        raise PreflightError(f"--max-model-len {max_model_len} exceeds the base's max_position_embeddings {limit}.")
     length = max_model_len or trained_len
-    if length and limit and length > limit:
-        raise PreflightError(f"--max-model-len {length} exceeds the base's max_position_embeddings {limit}.")
+    if length and limit and length > limit:  # a Llama 3.x base trained past its positions (kit.models.llama)
+        notes.append(f"the runs trained on up to {length:,} tokens, past the base's {limit:,} positions "
+                     f"(max_position_embeddings), which vLLM serves: --max-model-len {limit}.")
+        length = limit
     if max_model_len and trained_len and max_model_len < trained_len:
         notes.append(f"--max-model-len {max_model_len} is below the runs' max_seq_length {trained_len}: prompts as "
                      "long as the training examples will be refused.")

@@ -8,7 +8,9 @@ at its top. No other kit module imports them at import time.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Literal, Optional
 
@@ -29,6 +31,8 @@ class Device:
     """The GPU's memory (None on CPU)."""
     fp8: bool = False
     """FP8 matmuls for Unsloth's FP8 training (compute capability 9.0, Hopper, or newer)."""
+    host_gib: Optional[float] = None
+    """This machine's memory: its RAM, or the container's limit where that is lower (None: not known)."""
 
     @property
     def cuda(self) -> bool:
@@ -57,8 +61,21 @@ def detect_device(index: int = 0) -> Device:
     if torch.cuda.is_available():
         return Device("cuda", torch.cuda.get_device_name(index), torch.cuda.is_bf16_supported(),
                       torch.cuda.get_device_properties(index).total_memory / 2**30,
-                      torch.cuda.get_device_capability(index) >= (9, 0))
-    return Device("cpu", f"cpu ({torch.get_num_threads()} threads)", False)
+                      torch.cuda.get_device_capability(index) >= (9, 0), host_memory_gib())
+    return Device("cpu", f"cpu ({torch.get_num_threads()} threads)", False, host_gib=host_memory_gib())
+
+
+def host_memory_gib() -> Optional[float]:
+    """This machine's RAM, or its cgroup v2 memory limit (a container's) where that is lower."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that counts its pages
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        limit = "max"
+    return min(ram, int(limit)) / 2**30 if limit.isdigit() else ram / 2**30
 
 
 def resolve_precision(setting: str, device: Device) -> str:

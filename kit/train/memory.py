@@ -27,6 +27,10 @@ micro-batch):
   policy's activations wait for the backward; it keeps nothing across layers, so it adds one layer's working
   set for the micro-batch (the per-layer figure above) and a loss tile. ORPO has no reference: no such term.
   A preference pair's chosen and rejected rows are both in the micro-batch's tokens (kit.train.plan).
+- host memory: Unsloth's offloaded checkpointing copies each recomputed layer's input (2h bytes a token) into a
+  pinned CPU buffer of its own (the first pass offloads every one) and keeps the buffers for the next steps
+  (unsloth_zoo's gradient_checkpointing, read there, not measured); pinned memory cannot be swapped out, so the
+  machine's RAM bounds it: 32 GiB at 131,072 tokens for Llama 3.1 8B.
 On an H200 and an H100 these land within a few percent of torch.cuda.max_memory_allocated for
 Llama-3.1-8B QLoRA r=16 (docs/benchmarks.md). The CUDA context and the allocator's slack are outside it:
 a budget keeps a tenth in reserve for them.
@@ -45,7 +49,7 @@ from kit.config.model import RANDOM
 from kit.core.errors import KitError
 from kit.models.gguf_source import is_gguf_source, materialize
 from kit.models.hub import base_config
-from kit.models.llama import MAX_POSITIONS, VOCAB_SIZE, projection_shapes
+from kit.models.llama import MAX_POSITIONS, VOCAB_SIZE, context_cap, projection_shapes
 from kit.models.tiny import SHAPES
 
 GIB = 2**30
@@ -77,6 +81,8 @@ class MemoryEstimate:
     """The model's decoder layers."""
     kept_layers: int = 0
     """With checkpointing: the layers that keep their activations, not recomputed (0: every layer recomputed)."""
+    host_gib: float = 0.0
+    """Pinned CPU memory for the offloaded checkpoints (0 without checkpointing); not in total_gib."""
 
     @property
     def recompute(self) -> str:
@@ -96,6 +102,16 @@ class MemoryEstimate:
                 f"{self.lora_gib:.1f} + activations {self.activations_gib:.1f} ({self.tokens:,} tokens, "
                 f"checkpointing {self.recompute}) "
                 f"+ loss {self.loss_gib:.1f}{reference}")
+
+    def render_host(self, machine_gib: Optional[float]) -> str:
+        """The offloaded checkpoints' pinned CPU memory, against `machine_gib` (this machine's; None: unknown)."""
+        text = f"~{self.host_gib:.1f} GiB pinned for the offloaded checkpoints"
+        if machine_gib is None:
+            return text
+        if self.host_gib <= machine_gib:
+            return f"{text}; this machine has {machine_gib:.0f} GiB"
+        return (f"{text}. DOES NOT FIT this machine's {machine_gib:.0f} GiB: lower model.max_seq_length, give "
+                "model.gpu_memory_gib more room (fewer layers recomputed), or use a machine with more memory")
 
 
 def weights_gib(model: dict, linear_bytes: float) -> float:
@@ -126,14 +142,11 @@ def estimate(model: dict, *, quantization: str, lora_r: int, targets: list[str],
         activations = layer * layers * tokens
     loss = min(tokens, LOSS_TILE_ROWS) * min(vocab, LOSS_TILE_COLS) * 4
     ref = (layer * tokens + loss) if reference else 0  # one layer at a time (untiled: at most), its own loss tile
+    offloaded = layers - kept_layers if checkpointing else 0
     return MemoryEstimate(weights_gib=weights / GIB, lora_gib=lora / GIB, activations_gib=activations / GIB,
                           loss_gib=loss / GIB, tokens=tokens, checkpointing=checkpointing, reference_gib=ref / GIB,
-                          tiled_mlp=tiled_mlp, layers=layers, kept_layers=kept_layers)
-
-
-def context_cap(model: dict) -> int:
-    """The longest model.max_seq_length for `model`: its positions, within the kit's limit."""
-    return min(model.get("max_position_embeddings", MAX_POSITIONS), MAX_POSITIONS)
+                          tiled_mlp=tiled_mlp, layers=layers, kept_layers=kept_layers,
+                          host_gib=offloaded * 2 * h * tokens / GIB)
 
 
 def max_context(model: dict, budget_gib: float, *, pairs: bool, **kw) -> tuple[int, MemoryEstimate]:
@@ -261,4 +274,4 @@ def base_model_config(name: str, network: bool) -> Optional[dict]:
 
 def _shape(shape: str) -> dict:
     return {**SHAPES[shape], "vocab_size": VOCAB_SIZE, "tie_word_embeddings": False,
-            "max_position_embeddings": MAX_POSITIONS}
+            "max_position_embeddings": MAX_POSITIONS, "rope_scaling": {"rope_type": "llama3"}}

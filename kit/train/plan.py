@@ -13,16 +13,9 @@ from typing import Optional
 from kit.config.schema import Config
 from kit.config.train import MAX_STEPS
 from kit.core.errors import ConfigError
+from kit.models.llama import ROPE_STRETCH, context_cap, positions, widens
 from kit.run.rundir import checkpoint_name
-from kit.train.memory import (
-    MemoryChoice,
-    base_model_config,
-    choose,
-    context_cap,
-    largest_micro_batch,
-    max_context,
-    usable,
-)
+from kit.train.memory import MemoryChoice, base_model_config, choose, largest_micro_batch, max_context, usable
 
 
 @dataclass
@@ -45,6 +38,8 @@ class Execution:
     """The GPU memory estimate and budget (None on CPU, or when the model's shape is unknown)."""
     tiled_mlp: bool = False
     """Unsloth's tiled MLP (train.tiled_mlp as resolved)."""
+    host_gib: Optional[float] = None
+    """The memory of the machine the plan is for (None: not known), which holds the offloaded checkpoints."""
 
     @property
     def kept_layers(self) -> int:
@@ -58,6 +53,11 @@ class Execution:
             return self.memory.estimate.recompute
         return {None: "auto", True: "on", False: "off"}[self.checkpointing] + (", MLP tiled" if self.tiled_mlp else "")
 
+    @property
+    def host_fits(self) -> bool:
+        """The offloaded checkpoints fit the machine's memory (or either is unknown)."""
+        return self.memory is None or self.host_gib is None or self.memory.estimate.host_gib <= self.host_gib
+
     def rows(self) -> list[tuple[str, str]]:
         batches = f"{self.batch} x {self.grad_accum}, {self.sampling}, " \
                   f"{'padding-free' if self.padding_free else 'padded'}; largest {self.largest_micro_batch:,} " \
@@ -65,8 +65,10 @@ class Execution:
         setting = self.recompute
         if self.memory is None:
             return [("micro-batches", batches), ("gradient checkpointing", setting)]
+        host = self.memory.estimate.host_gib
         return [("micro-batches", batches), ("gradient checkpointing", f"{setting} ({self.memory.reason})"),
-                ("GPU memory", self.memory.render())]
+                ("GPU memory", self.memory.render())] + \
+            ([("host memory", self.memory.estimate.render_host(self.host_gib))] if host else [])
 
 
 @dataclass
@@ -169,10 +171,10 @@ def as_one_device(cfg: Config, devices: int) -> str:
 
 
 def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib: Optional[float], steps: int,
-              devices: int = 1) -> Execution:
+              devices: int = 1, host_gib: Optional[float] = None) -> Execution:
     """Resolve padding, sampling, checkpointing and the micro-batch split for this machine: the fastest that
     fits the GPU memory budget. `lengths`: the training examples' token counts (None: a plan without data,
-    sized for the worst case); `card_gib`: the GPU's memory (None: no GPU known).
+    sized for the worst case); `card_gib`: the GPU's memory (None: no GPU known); `host_gib`: the machine's.
 
     Measured (docs/benchmarks.md): padding-free steps pay a host cost per pass (with torch 2.11 Unsloth attends
     example by example; 2.12's varlen kernel makes that cost smaller), so a step's examples go in as few passes
@@ -206,19 +208,37 @@ def execution(cfg: Config, lengths: Optional[list[int]], *, cuda: bool, card_gib
         if model is None:
             checkpointing = requested if requested is not None else cuda  # shape unknown: the safe choice
             return Execution(sampling, batch, accum, padding_free, checkpointing, largest, exact,
-                             tiled_mlp=bool(tiled and checkpointing))
+                             tiled_mlp=bool(tiled and checkpointing), host_gib=host_gib)
         memory = choose(model, m.gpu_memory_gib or card_gib, requested, tiled, quantization=m.quantization,
                         lora_r=cfg.lora.r, targets=cfg.target_modules, optim=t.optim, tokens=largest,
                         reference=t.method == "dpo")
         if memory.fits:
             break
     return Execution(sampling, batch, accum, padding_free, memory.checkpointing, largest, exact, memory,
-                     tiled_mlp=memory.estimate.tiled_mlp)
+                     tiled_mlp=memory.estimate.tiled_mlp, host_gib=host_gib)
 
 
-def longest_example(cfg: Config, card_gib: Optional[float]) -> str:
+def check_context(cfg: Config) -> None:
+    """model.max_seq_length within the positions the base trains on (kit.models.llama.context_cap), before any
+    weights load; a base whose config.json cannot be read here is left to the loader."""
+    m = cfg.model
+    model = base_model_config(m.name, network=True)
+    if model is None or m.max_seq_length <= context_cap(model):
+        return
+    if widens(model):
+        raise ConfigError(f"model.max_seq_length={m.max_seq_length}: past {ROPE_STRETCH} times the "
+                          f"{positions(model):,} positions of {m.name}, the longest the kit trains it on. Use "
+                          f"model.max_seq_length={context_cap(model)} or less.")
+    raise ConfigError(f"model.max_seq_length={m.max_seq_length}: past the {positions(model):,} positions of {m.name} "
+                      "(max_position_embeddings in its config.json). Its RoPE would be stretched for training only "
+                      "(Unsloth stretches it linearly), and the adapter would not fit the base as exported and "
+                      f"served. Use model.max_seq_length={positions(model)} or less.")
+
+
+def longest_example(cfg: Config, card_gib: Optional[float], host_gib: Optional[float] = None) -> str:
     """--plan --max-context: how long one example can be at the memory budget (model.gpu_memory_gib, else the card's
-    `card_gib`), alone in its micro-batch with checkpointing, as the estimate of kit.train.memory counts it."""
+    `card_gib`), alone in its micro-batch with checkpointing, as the estimate of kit.train.memory counts it, and the
+    host memory its offloaded checkpoints take (`host_gib`: this machine's)."""
     m, t = cfg.model, cfg.train
     budget = m.gpu_memory_gib or card_gib
     if budget is None:
@@ -247,8 +267,12 @@ def longest_example(cfg: Config, card_gib: Optional[float]) -> str:
                              ", model.load_in_4bit=true model.load_in_fp8=false (QLoRA)")
                           + " or a smaller lora.r.")
     what = "pair (each of its two rows)" if t.method != "sft" else "example"
-    cap = " (the longest model.max_seq_length; the memory would allow more)" if tokens == context_cap(model) else ""
-    return (f"longest {what} at {budget:g} GiB: {tokens:,} tokens{cap}{whole}\n"
-            f"  GPU memory  ~{at.render()}; usable {usable(budget):.1f} of {budget:g} GiB\n"
-            f"  train with  model.max_seq_length={tokens} train.per_device_train_batch_size=1 "
+    cap = " (the longest model.max_seq_length for this base; the memory would allow more)" \
+        if tokens == context_cap(model) else ""
+    past = f"; past the base's {positions(model):,} positions, its llama3 RoPE as it is" \
+        if tokens > positions(model) else ""
+    return (f"longest {what} at {budget:g} GiB: {tokens:,} tokens{cap}{whole}{past}\n"
+            f"  GPU memory   ~{at.render()}; usable {usable(budget):.1f} of {budget:g} GiB\n"
+            f"  host memory  {at.render_host(host_gib)}\n"
+            f"  train with   model.max_seq_length={tokens} train.per_device_train_batch_size=1 "
             "train.gradient_checkpointing=true" + (" train.tiled_mlp=true" if at.tiled_mlp else ""))

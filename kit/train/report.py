@@ -99,6 +99,10 @@ class Result:
     peak_kind: str
     estimate_gib: Optional[float]
     """The plan's GPU memory estimate for this run (kit.train.memory), beside the measured peak."""
+    host_peak_gib: float
+    """The process's peak resident memory."""
+    host_estimate_gib: Optional[float]
+    """The plan's pinned host memory for the offloaded checkpoints (None: nothing offloaded)."""
     batches: str
     attention: str
     loss_kernel: str
@@ -129,6 +133,8 @@ def finish(cfg: Config, run: RunDir, backend: Backend, plan: Plan, trained: Trai
         seconds=trained.seconds,
         tokens=trained.tokens, tokens_per_s=trained.tokens / max(trained.seconds, 1e-9), peak_gib=trained.peak_gib,
         peak_kind=trained.peak_kind, estimate_gib=how.memory.estimate.total_gib if how and how.memory else None,
+        host_peak_gib=trained.host_peak_gib,
+        host_estimate_gib=(how.memory.estimate.host_gib or None) if how and how.memory else None,
         batches=batches, attention=trained.kernels.attention, loss_kernel=trained.kernels.loss,
         train_loss=next((m["loss"] for m in reversed(metrics) if "loss" in m), None),
         best_eval_loss=best.get("eval_loss"), best_eval_step=best.get("step"), alarms=len(trained.alarms),
@@ -172,6 +178,8 @@ def summary(r: Result) -> str:
         ("tokens/s", f"{r.tokens_per_s:,.0f}  ({r.tokens:,} tokens{', all devices' if r.devices > 1 else ''})"),
         ("peak memory", f"{r.peak_gib:.2f} GiB ({r.peak_kind}, training{', rank 0' if r.devices > 1 else ''})"
                         + (f"; estimated {r.estimate_gib:.1f}" if r.estimate_gib is not None else "")),
+    ] + ([("host memory", f"{r.host_peak_gib:.1f} GiB (process RSS); estimated {r.host_estimate_gib:.1f} pinned "
+                          "for the offloaded checkpoints")] if r.host_estimate_gib else []) + [
         ("micro-batches", r.batches),
         ("attention", r.attention),
         ("loss", r.loss_kernel),

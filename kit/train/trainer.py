@@ -52,6 +52,8 @@ class Trained:
     peak_gib: float
     peak_kind: str
     kernels: Kernels
+    host_peak_gib: float = 0.0
+    """The process's peak resident memory (the offloaded checkpoints' pinned buffers among it)."""
     preference: Optional[dict] = None
     """DPO, ORPO: the held-out preference accuracy (kit.data.preference.preference_accuracy)."""
 
@@ -68,7 +70,7 @@ def plan(cfg: Config, backend: Backend, data: TrainingData, devices: int = 1) ->
     else:  # a pair's two padded rows (chosen and rejected): kit.data.preference
         lengths = list(data.train.dataset["tokens"])
     how = execution(cfg, lengths, cuda=backend.device.cuda, card_gib=backend.device.memory_gib,
-                    steps=steps.total_steps, devices=devices)
+                    steps=steps.total_steps, devices=devices, host_gib=backend.device.host_gib)
     return dataclasses.replace(steps, execution=how)
 
 
@@ -187,6 +189,8 @@ def train(cfg: Config, backend: Backend, tokenizer, data: TrainingData, run: Run
         torch.cuda.set_per_process_memory_fraction(budget / card)
     if how.memory is not None and not how.memory.fits:
         log.warning(f"the run may not fit model.gpu_memory_gib: {how.memory.render()}")
+    if not how.host_fits:
+        log.warning(f"the run may not fit this machine's memory: {how.memory.estimate.render_host(how.host_gib)}")
     model = load_model(cfg, base, backend, checkpointing=bool(how.checkpointing), tiled_mlp=how.tiled_mlp,
                        kept_layers=how.kept_layers)
     alarm = OverfitAlarm(cfg.train.overfit_patience)
@@ -200,10 +204,11 @@ def train(cfg: Config, backend: Backend, tokenizer, data: TrainingData, run: Run
     with trackers.recording(cfg.train.trackers, run, backend.world.main):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - start
+    host_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if torch.cuda.is_available():
         peak_gib, peak_kind = torch.cuda.max_memory_allocated() / 2**30, "GPU, allocated"
     else:
-        peak_gib, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
+        peak_gib, peak_kind = host_peak_gib, "process RSS"
     preference = None
     if cfg.train.method != "sft" and data.eval is not None and backend.world.main:
         preference = preference_accuracy(trainer.model, tokenizer, data.eval.dataset, cfg.train.method)
@@ -212,4 +217,5 @@ def train(cfg: Config, backend: Backend, tokenizer, data: TrainingData, run: Run
                  f"{preference['policy_logprob_accuracy']:.3f})")
     return Trained(model=trainer.model, steps=trainer.state.global_step, seconds=seconds,
                    tokens=trainer.state.num_input_tokens_seen - seen, alarms=alarm.alarms,
-                   peak_gib=peak_gib, peak_kind=peak_kind, kernels=used, preference=preference)
+                   peak_gib=peak_gib, peak_kind=peak_kind, kernels=used, host_peak_gib=host_peak_gib,
+                   preference=preference)
