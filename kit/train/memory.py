@@ -33,7 +33,7 @@ micro-batch):
   machine's RAM bounds it: 32 GiB at 131,072 tokens for Llama 3.1 8B.
 On an H200 and an H100 these land within a few percent of torch.cuda.max_memory_allocated for
 Llama-3.1-8B QLoRA r=16 (docs/benchmarks.md). The CUDA context and the allocator's slack are outside it:
-a budget keeps a tenth in reserve for them.
+a budget keeps RESERVE (15%) of it for them.
 """
 from __future__ import annotations
 
