@@ -52,7 +52,7 @@ class Trained:
     peak_gib: float
     peak_kind: str
     kernels: Kernels
-    host_peak_gib: float = 0.0
+    host_peak_gib: float
     """The process's peak resident memory (the offloaded checkpoints' pinned buffers among it)."""
     preference: Optional[dict] = None
     """DPO, ORPO: the held-out preference accuracy (kit.data.preference.preference_accuracy)."""
